@@ -32,5 +32,28 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
+# Peers for benchmarks/capture_overhead.py, each in its own venv (never project dependencies). torch is installed
+# first so pip keeps the CPU build instead of pulling a CUDA one.
+BENCH_VENVS := .bench-venvs
+TL_PIN ?= transformer-lens==4.3.0
+NNSIGHT_PIN ?= nnsight==0.8.1
+
+$(BENCH_VENVS)/transformerlens/.installed:
+	test -x $(BENCH_VENVS)/transformerlens/bin/python || $(PYTHON) -m venv $(BENCH_VENVS)/transformerlens
+	$(BENCH_VENVS)/transformerlens/bin/python -m pip install -q "$(TORCH_PIN)"
+	$(BENCH_VENVS)/transformerlens/bin/python -m pip install -q "$(TL_PIN)" "$(TORCH_PIN)"
+	touch $@
+
+$(BENCH_VENVS)/nnsight/.installed:
+	test -x $(BENCH_VENVS)/nnsight/bin/python || $(PYTHON) -m venv $(BENCH_VENVS)/nnsight
+	$(BENCH_VENVS)/nnsight/bin/python -m pip install -q "$(TORCH_PIN)"
+	$(BENCH_VENVS)/nnsight/bin/python -m pip install -q "$(NNSIGHT_PIN)" "$(TORCH_PIN)"
+	touch $@
+
+bench-env: $(BENCH_VENVS)/transformerlens/.installed $(BENCH_VENVS)/nnsight/.installed
+
+bench: install
+	$(PY) benchmarks/capture_overhead.py
+
 clean:
 	rm -rf $(VENV) .bench-venvs build *.egg-info src/*.egg-info

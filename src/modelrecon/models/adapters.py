@@ -21,7 +21,6 @@ class Adapter:
     embed: str  # token embedding; its output is the `embed` site
     layers: str  # the ModuleList of decoder layers
     final_norm: str  # its output is the `final` site
-    unembed: str
     attn: str  # the attention module that calls the transformers attention function
     attn_out: str  # its output is what attention adds to the residual stream
     o_proj: str  # its input is the per-head outputs, concatenated
@@ -32,7 +31,7 @@ class Adapter:
     parallel_residual: Callable[[object], bool] = field(default=lambda config: False)
 
     def top_level_paths(self) -> list[str]:
-        return [self.embed, self.layers, self.final_norm, self.unembed]
+        return [self.embed, self.layers, self.final_norm]
 
     def layer_paths(self) -> list[str]:
         return [self.attn, self.attn_out, self.o_proj, self.mlp, self.mlp_out, self.down_proj, self.mlp_norm]
@@ -42,7 +41,6 @@ _LLAMA_LIKE = dict(
     embed="model.embed_tokens",
     layers="model.layers",
     final_norm="model.norm",
-    unembed="lm_head",
     attn="self_attn",
     attn_out="self_attn",
     o_proj="self_attn.o_proj",
@@ -76,8 +74,7 @@ ADAPTERS: list[Adapter] = [
         embed="transformer.wte",
         layers="transformer.h",
         final_norm="transformer.ln_f",
-        unembed="lm_head",
-        attn="attn",
+            attn="attn",
         attn_out="attn",
         o_proj="attn.c_proj",
         mlp="mlp",
@@ -91,7 +88,6 @@ ADAPTERS: list[Adapter] = [
         embed="gpt_neox.embed_in",
         layers="gpt_neox.layers",
         final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out",
         attn="attention",
         attn_out="post_attention_dropout",
         o_proj="attention.dense",

@@ -131,7 +131,10 @@ def _read_gguf(gguf: Path):
 
 def _load_folder(folder: Path, name: str, source: dict, dtype, device, trust_remote_code: bool) -> Model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # loading a local folder takes a second; its bar is noise
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True
@@ -140,6 +143,9 @@ def _load_folder(folder: Path, name: str, source: dict, dtype, device, trust_rem
     except (OSError, ValueError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise BadModelFileError(f"cannot load model folder '{folder}': {reason}") from exc
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     return Model(hf_model.to(device), tokenizer, name=name, source={**source, "dtype": str(dtype).removeprefix("torch.")})
 
 

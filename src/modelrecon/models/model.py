@@ -70,7 +70,7 @@ class Model:
         self.n_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
         self.d_head = _in_features(self.layer_module(0, self.adapter.o_proj)) // self.n_heads
         self.d_mlp = _in_features(self.layer_module(0, self.adapter.down_proj))
-        self.vocab_size = int(self.hf.get_submodule(self.adapter.unembed).weight.shape[0])
+        self.vocab_size = int(self.hf.get_output_embeddings().weight.shape[0])
         self.has_resid_mid = not self.adapter.parallel_residual(config)
         self._site_names = all_site_names(self.n_layers, self.has_resid_mid)
 
@@ -118,8 +118,7 @@ class Model:
 
     # --- tokens --------------------------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise BadInputError("empty prompt: give at least one non-blank character of text")
+        check_prompt(prompt)
         ids = self.tokenizer(prompt)["input_ids"]
         if not ids:
             raise BadInputError(f"prompt {prompt!r} gives no tokens; give some text")
@@ -172,6 +171,11 @@ class Model:
             f"Model({self.name!r}, family={self.adapter.family}, layers={self.n_layers}, d_model={self.d_model}, "
             f"heads={self.n_heads}x{self.d_head}, d_mlp={self.d_mlp}, vocab={self.vocab_size})"
         )
+
+
+def check_prompt(prompt: object) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadInputError("empty prompt: give at least one non-blank character of text")
 
 
 def _in_features(linear_like: nn.Module) -> int:
