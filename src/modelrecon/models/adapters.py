@@ -34,7 +34,8 @@ class Adapter:
         return [self.embed, self.layers, self.final_norm]
 
     def layer_paths(self) -> list[str]:
-        return [self.attn, self.attn_out, self.o_proj, self.mlp, self.mlp_out, self.down_proj, self.mlp_norm]
+        paths = [self.attn, self.attn_out, self.o_proj, self.mlp, self.mlp_out, self.down_proj, self.mlp_norm]
+        return list(dict.fromkeys(paths))  # one module may serve two sites
 
 
 _LLAMA_LIKE = dict(

