@@ -5,9 +5,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import FAMILIES, tiny_model  # noqa: E402
-
 import modelrecon  # noqa: E402
+
+from tiny import FAMILIES, tiny_model  # noqa: E402
 
 PROMPTS = ["Hello there, world!", "Hi", "The quick brown fox jumps"]
 

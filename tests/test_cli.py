@@ -3,11 +3,12 @@
 import os
 
 import pytest
-from tiny import tiny_model
 
 from modelrecon.cli import main
 from modelrecon.models import embedded
 from modelrecon.models.embedded import EmbeddedModel
+
+from tiny import tiny_model
 
 
 def cli(capsys, *argv):

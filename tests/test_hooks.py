@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from conftest import PROMPTS
-from tiny import tiny_model
 from transformers.modeling_utils import AttentionInterface
 
 import modelrecon as mr
 from modelrecon.errors import BadInputError
+
+from conftest import PROMPTS
+from tiny import tiny_model
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -50,9 +51,9 @@ def test_zeroing_mlp_out_equals_forward_without_that_mlp():
 def test_zeroing_a_head_equals_zeroing_its_output_weights(family_model):
     m = family_model
     layer, head = 1, 2
-    edited = mr.run(m, PROMPTS[0], edit={
-        f"layers.{layer}.attn.heads": lambda v, ctx: v.index_fill(2, torch.tensor([head]), 0.0)
-    })
+    edited = mr.run(
+        m, PROMPTS[0], edit={f"layers.{layer}.attn.heads": lambda v, ctx: v.index_fill(2, torch.tensor([head]), 0.0)}
+    )
     o_proj = m.layer_module(layer, m.adapter.o_proj)
     cols = slice(head * m.d_head, (head + 1) * m.d_head)
     saved = o_proj.weight.detach().clone()
@@ -101,8 +102,12 @@ def test_identity_pattern_edit_keeps_logits_and_one_hot_pattern_copies_values():
         p[:, 3, :, 0] = 1.0
         return p
 
-    result = mr.run(m, PROMPTS[2], edit={"layers.1.attn.pattern": attend_to_first},
-                    record=["layers.1.resid_pre", "layers.1.attn.heads"])
+    result = mr.run(
+        m,
+        PROMPTS[2],
+        edit={"layers.1.attn.pattern": attend_to_first},
+        record=["layers.1.resid_pre", "layers.1.attn.heads"],
+    )
     attn = m.layers[1].self_attn
     x = m.layers[1].input_layernorm(result.acts["layers.1.resid_pre"][0])
     kv_head = 3 // (m.n_heads // m.n_kv_heads)
@@ -114,8 +119,13 @@ def test_identity_pattern_edit_keeps_logits_and_one_hot_pattern_copies_values():
 def test_gradients_at_sites(family_model):
     m = family_model
     target = 5
-    result = mr.run(m, PROMPTS[0], grad=["logits", "layers.1.resid_post"], record=["layers.1.resid_post"],
-                    grad_of=lambda logits: logits[0][-1, target])
+    result = mr.run(
+        m,
+        PROMPTS[0],
+        grad=["logits", "layers.1.resid_post"],
+        record=["layers.1.resid_post"],
+        grad_of=lambda logits: logits[0][-1, target],
+    )
     one_hot = torch.zeros_like(result.grads["logits"][0])
     one_hot[-1, target] = 1.0
     assert torch.equal(result.grads["logits"][0], one_hot)
@@ -164,14 +174,22 @@ def test_hooks_removed_also_when_forward_raises():
 def test_positions_dtype_and_device_options():
     m = tiny_model("llama")
     full = mr.run(m, PROMPTS, record=["layers.1.resid_post", "layers.1.attn.pattern"])
-    last = mr.run(m, PROMPTS, record=["layers.1.resid_post", "layers.1.attn.pattern"], positions=[0, -1],
-                  dtype=torch.float16, device="cpu")
+    last = mr.run(
+        m,
+        PROMPTS,
+        record=["layers.1.resid_post", "layers.1.attn.pattern"],
+        positions=[0, -1],
+        dtype=torch.float16,
+        device="cpu",
+    )
     for i in range(len(PROMPTS)):
         resid = last.acts["layers.1.resid_post"][i]
         assert resid.dtype == torch.float16 and resid.shape == (2, m.d_model)
         expected = full.acts["layers.1.resid_post"][i][[0, -1]]
         assert torch.equal(resid, expected.half())
-        assert torch.equal(last.acts["layers.1.attn.pattern"][i], full.acts["layers.1.attn.pattern"][i][:, [0, -1]].half())
+        assert torch.equal(
+            last.acts["layers.1.attn.pattern"][i], full.acts["layers.1.attn.pattern"][i][:, [0, -1]].half()
+        )
     with pytest.raises(BadInputError, match="position 5 is outside a prompt of 2 tokens"):
         mr.run(m, PROMPTS, record=["logits"], positions=5)
 

@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS
-from tiny import char_tokenizer, tiny_hf, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import modelrecon as mr
 from modelrecon.errors import BadModelFileError, OfflineError, UnknownModelError, UnsupportedArchitectureError
 from modelrecon.models import loading
+
+from conftest import PROMPTS
+from tiny import char_tokenizer, tiny_hf, tiny_model
 
 
 def test_local_folder_loads_to_identical_logits(tmp_path):
@@ -94,8 +95,15 @@ def test_name_resolution_errors(tmp_path, monkeypatch):
 
 
 def test_unknown_architecture_names_what_is_missing():
-    config = AutoConfig.for_model("opt", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
-                                  vocab_size=50, word_embed_proj_dim=16)
+    config = AutoConfig.for_model(
+        "opt",
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        ffn_dim=32,
+        vocab_size=50,
+        word_embed_proj_dim=16,
+    )
     with pytest.raises(UnsupportedArchitectureError, match="no adapter for model_type 'opt'.*model.layers.*ADAPTERS"):
         mr.Model(AutoModelForCausalLM.from_config(config), char_tokenizer())
 
@@ -103,7 +111,9 @@ def test_unknown_architecture_names_what_is_missing():
 def test_known_architecture_with_missing_module_names_it():
     hf = tiny_hf("llama")
     del hf.model.layers[0].mlp
-    with pytest.raises(UnsupportedArchitectureError, match="lacks modules .*: model.layers.0.mlp, model.layers.0.mlp.down_proj"):
+    with pytest.raises(
+        UnsupportedArchitectureError, match="lacks modules .*: model.layers.0.mlp, model.layers.0.mlp.down_proj"
+    ):
         mr.Model(hf, char_tokenizer())
 
 

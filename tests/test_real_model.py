@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from test_cli import cli
 
 import modelrecon as mr
 from modelrecon.cli import main  # noqa: F401  (cli() drives it)
 from modelrecon.models import loading
 from modelrecon.models.embedded import EMBEDDED
+
+from test_cli import cli
 
 pytestmark = pytest.mark.real_model
 

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from conftest import PROMPTS
-from tiny import tiny_model
 from transformers import AutoModelForCausalLM
 
 import modelrecon as mr
 from modelrecon.errors import UnknownSiteError
+
+from conftest import PROMPTS
+from tiny import tiny_model
 
 
 def test_logits_bit_identical_with_every_site_recorded(family_model):
@@ -44,7 +45,9 @@ def test_residual_stream_adds_up(family_model):
         a = {k: acts[f"layers.{i}.{k}"][0] for k in ("resid_pre", "attn.out", "mlp.out", "resid_post")}
         torch.testing.assert_close(a["resid_pre"] + a["attn.out"] + a["mlp.out"], a["resid_post"], rtol=0, atol=1e-5)
         if m.has_resid_mid:
-            torch.testing.assert_close(a["resid_pre"] + a["attn.out"], acts[f"layers.{i}.resid_mid"][0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                a["resid_pre"] + a["attn.out"], acts[f"layers.{i}.resid_mid"][0], rtol=0, atol=1e-5
+            )
         if i > 0:
             assert torch.equal(acts[f"layers.{i - 1}.resid_post"][0], a["resid_pre"])
 
@@ -77,7 +80,9 @@ def test_attention_pattern_rows_sum_to_one_and_equal_eager_weights(family_model)
     eager = AutoModelForCausalLM.from_config(m.hf.config, attn_implementation="eager").eval()
     eager.load_state_dict(m.hf.state_dict())
     attentions = eager(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
         output_attentions=True,
     ).attentions
     for i in range(m.n_layers):

@@ -21,8 +21,16 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 _COMMON = dict(
-    hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=len(VOCAB), max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=2,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=len(VOCAB),
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=2,
 )
 FAMILY_CONFIGS = {
     "llama": dict(_COMMON),
@@ -35,11 +43,18 @@ FAMILY_CONFIGS = {
         _COMMON, head_dim=8, sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention"]
     ),
     "phi3": dict(_COMMON),
-    "gpt2": dict(n_embd=32, n_layer=3, n_head=4, n_inner=48, vocab_size=len(VOCAB), n_positions=128,
-                 bos_token_id=2, eos_token_id=2, pad_token_id=0),
-    "gpt_neox": dict(
-        {k: v for k, v in _COMMON.items() if k != "num_key_value_heads"}, use_parallel_residual=True
+    "gpt2": dict(
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        n_inner=48,
+        vocab_size=len(VOCAB),
+        n_positions=128,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=0,
     ),
+    "gpt_neox": dict({k: v for k, v in _COMMON.items() if k != "num_key_value_heads"}, use_parallel_residual=True),
     "gpt_neox_sequential": dict(
         {k: v for k, v in _COMMON.items() if k != "num_key_value_heads"}, use_parallel_residual=False
     ),

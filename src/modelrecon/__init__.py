@@ -7,6 +7,15 @@ from modelrecon.models import DEFAULT_MODEL, EMBEDDED, Batch, Model, load
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_MODEL", "EMBEDDED", "Batch", "HookContext", "Model", "ModelreconError", "RunResult", "Trace",
-    "hooked", "load", "run",
+    "DEFAULT_MODEL",
+    "EMBEDDED",
+    "Batch",
+    "HookContext",
+    "Model",
+    "ModelreconError",
+    "RunResult",
+    "Trace",
+    "hooked",
+    "load",
+    "run",
 ]

@@ -10,8 +10,8 @@ Layers whose pattern is not wanted pass straight through; nothing is wrapped whe
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -44,9 +44,7 @@ def _output_from_pattern(pattern: torch.Tensor, value: torch.Tensor) -> torch.Te
 
 
 @contextmanager
-def patterns_through(
-    implementation: str, handlers: dict[nn.Module, tuple[PatternHandler, bool]]
-) -> Iterator[None]:
+def patterns_through(implementation: str, handlers: dict[nn.Module, tuple[PatternHandler, bool]]) -> Iterator[None]:
     """Route the attention modules in `handlers` through their handler while the context is open.
 
     `handlers` maps an attention module to (handler, rewrite): with rewrite, the layer's output is recomputed from the

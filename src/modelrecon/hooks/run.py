@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ class RunResult:
         """The k most likely next tokens after prompt i, with probabilities."""
         probs = torch.softmax(self.logits[i][-1].float(), dim=-1)
         top = torch.topk(probs, k)
-        return [(self.model.tokenizer.decode([int(t)]), float(p)) for p, t in zip(top.values, top.indices)]
+        return [(self.model.tokenizer.decode([int(t)]), float(p)) for p, t in zip(top.values, top.indices, strict=True)]
 
 
 def run(
@@ -59,9 +59,12 @@ def run(
     batch = prompts if isinstance(prompts, Batch) else model.tokenize(prompts, padding_side)
     if grad and grad_of is None:
         raise BadInputError("gradients asked for but no grad_of given: pass grad_of=lambda logits: <scalar>")
-    with torch.set_grad_enabled(bool(grad)), hooked(
-        model, batch, record=record, edit=edit, grad=grad, positions=positions, dtype=dtype, device=device
-    ) as trace:
+    with (
+        torch.set_grad_enabled(bool(grad)),
+        hooked(
+            model, batch, record=record, edit=edit, grad=grad, positions=positions, dtype=dtype, device=device
+        ) as trace,
+    ):
         logits = model.forward(batch)
         per_prompt = [logits[i, batch.real(i)] for i in range(batch.size)]
         if grad:

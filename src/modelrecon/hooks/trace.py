@@ -7,9 +7,9 @@ which runs, in order: the edit function, the gradient hook, the recording.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -52,7 +52,9 @@ def _positions_index(positions: int | Sequence[int] | None, length: int) -> list
     chosen = [positions] if isinstance(positions, int) else list(positions)
     for p in chosen:
         if not -length <= p < length:
-            raise BadInputError(f"position {p} is outside a prompt of {length} tokens; use 0..{length - 1} or -1..-{length}")
+            raise BadInputError(
+                f"position {p} is outside a prompt of {length} tokens; use 0..{length - 1} or -1..-{length}"
+            )
     return [p % length for p in chosen]
 
 
@@ -87,12 +89,15 @@ class _SiteHooks:
                 if not isinstance(new, torch.Tensor) or new.shape != value.shape:
                     got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
                     raise BadInputError(
-                        f"edit of '{site}' returned {got}; it must return a tensor of shape {tuple(value.shape)} or None"
+                        f"edit of '{site}' returned {got}; "
+                        f"it must return a tensor of shape {tuple(value.shape)} or None"
                     )
                 value = new
         if site in self.grad:
             if not value.requires_grad:
-                raise BadInputError(f"site '{site}' is not connected to the gradient; record gradients through run(grad=...)")
+                raise BadInputError(
+                    f"site '{site}' is not connected to the gradient; record gradients through run(grad=...)"
+                )
             value.register_hook(lambda g, site=site: self.trace.grads[site].extend(self.per_prompt(site, g)))
         if site in self.record:
             self.trace.acts[site].extend(self.per_prompt(site, value))
@@ -198,8 +203,10 @@ def hooked(
         for site in sorted(set(record) | set(edit) | set(grad), key=model.site_names().index):
             info = parse_site(site)
             if info.layer is None:
-                module = model.hf if site == "logits" else model.module(
-                    adapter.embed if site == "embed" else adapter.final_norm
+                module = (
+                    model.hf
+                    if site == "logits"
+                    else model.module(adapter.embed if site == "embed" else adapter.final_norm)
                 )
                 on_output(module, site)
                 continue

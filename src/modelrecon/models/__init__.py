@@ -7,6 +7,15 @@ from modelrecon.models.model import Batch, Model, SiteInfo
 from modelrecon.models.sites import LAYER_SITE_KINDS, parse_site
 
 __all__ = [
-    "ADAPTERS", "Adapter", "Batch", "DEFAULT_MODEL", "EMBEDDED", "LAYER_SITE_KINDS", "Model", "SiteInfo",
-    "cache_root", "load", "parse_site",
+    "ADAPTERS",
+    "Adapter",
+    "Batch",
+    "DEFAULT_MODEL",
+    "EMBEDDED",
+    "LAYER_SITE_KINDS",
+    "Model",
+    "SiteInfo",
+    "cache_root",
+    "load",
+    "parse_site",
 ]

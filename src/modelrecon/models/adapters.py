@@ -6,8 +6,8 @@ An adapter only names modules; it never changes what they compute. Adding a fami
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from torch import nn
 
@@ -75,7 +75,7 @@ ADAPTERS: list[Adapter] = [
         embed="transformer.wte",
         layers="transformer.h",
         final_norm="transformer.ln_f",
-            attn="attn",
+        attn="attn",
         attn_out="attn",
         o_proj="attn.c_proj",
         mlp="mlp",

@@ -65,13 +65,22 @@ def load(
     path = Path(key).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         folder, sha = gguf_to_folder([path], label=path.name)
-        return _load_folder(folder, path.name, {"kind": "gguf", "path": str(path.resolve()), "gguf_sha256": sha},
-                            dtype, device, trust_remote_code=False)
+        return _load_folder(
+            folder,
+            path.name,
+            {"kind": "gguf", "path": str(path.resolve()), "gguf_sha256": sha},
+            dtype,
+            device,
+            trust_remote_code=False,
+        )
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise BadModelFileError(f"folder '{path}' has no config.json; give a Hugging Face model folder or a .gguf file")
-        return _load_folder(path, path.name, {"kind": "folder", "path": str(path.resolve())}, dtype, device,
-                            trust_remote_code)
+            raise BadModelFileError(
+                f"folder '{path}' has no config.json; give a Hugging Face model folder or a .gguf file"
+            )
+        return _load_folder(
+            path, path.name, {"kind": "folder", "path": str(path.resolve())}, dtype, device, trust_remote_code
+        )
     if path.exists():
         raise BadModelFileError(f"'{path}' is neither a model folder nor a .gguf file")
     if _looks_like_hub_id(key):
@@ -146,7 +155,9 @@ def _load_folder(folder: Path, name: str, source: dict, dtype, device, trust_rem
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
-    return Model(hf_model.to(device), tokenizer, name=name, source={**source, "dtype": str(dtype).removeprefix("torch.")})
+    return Model(
+        hf_model.to(device), tokenizer, name=name, source={**source, "dtype": str(dtype).removeprefix("torch.")}
+    )
 
 
 def _looks_like_hub_id(key: str) -> bool:
@@ -185,5 +196,7 @@ def _load_hub(hub_id: str, dtype, device, trust_remote_code: bool) -> Model:
         try:
             folder = snapshot_download(hub_id)
         except Exception as exc:
-            raise UnknownModelError(f"cannot download '{hub_id}' from the hub: {str(exc).splitlines()[0][:200]}") from exc
+            raise UnknownModelError(
+                f"cannot download '{hub_id}' from the hub: {str(exc).splitlines()[0][:200]}"
+            ) from exc
     return _load_folder(Path(folder), hub_id, {"kind": "hub", "id": hub_id}, dtype, device, trust_remote_code)

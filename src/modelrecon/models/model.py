@@ -151,7 +151,9 @@ class Model:
             attention_mask[i, start : start + len(ids)] = 1
             position_ids[i, start : start + len(ids)] = torch.arange(len(ids))
         device = self.device
-        return Batch(input_ids.to(device), attention_mask.to(device), position_ids.to(device), starts, lengths, padding_side)
+        return Batch(
+            input_ids.to(device), attention_mask.to(device), position_ids.to(device), starts, lengths, padding_side
+        )
 
     def str_tokens(self, ids: list[int] | torch.Tensor) -> list[str]:
         return [self.tokenizer.decode([int(t)]) for t in ids]

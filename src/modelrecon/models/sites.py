@@ -70,7 +70,9 @@ def resolve_sites(patterns: str | list[str] | tuple[str, ...], valid: list[str])
         patterns = [patterns]
     chosen: set[str] = set()
     for pattern in patterns:
-        matched = fnmatch.filter(valid, pattern) if any(c in pattern for c in "*?[") else [p for p in valid if p == pattern]
+        matched = (
+            fnmatch.filter(valid, pattern) if any(c in pattern for c in "*?[") else [p for p in valid if p == pattern]
+        )
         if not matched:
             near = difflib.get_close_matches(pattern, valid, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(near)}?" if near else "; `modelrecon sites --model M` lists them"

@@ -1,0 +1,37 @@
+"""The examples in the README and docs/ run: python blocks in order per file, `modelrecon ...` lines via the CLI."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from modelrecon.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
+
+pytestmark = pytest.mark.real_model  # the examples use the embedded SmolLM2
+
+
+def blocks(path: Path, language: str) -> list[str]:
+    return [body for lang, body in BLOCK.findall(path.read_text()) if lang == language]
+
+
+@pytest.mark.parametrize("path", [p for p in DOCS if blocks(p, "python")], ids=lambda p: p.name)
+def test_python_examples_run(path, smollm2):
+    namespace: dict = {}
+    for code in blocks(path, "python"):
+        exec(compile(code, str(path), "exec"), namespace)
+
+
+@pytest.mark.parametrize("path", [p for p in DOCS if blocks(p, "bash")], ids=lambda p: p.name)
+def test_cli_examples_run(path, smollm2):
+    commands = [line.split("#")[0].strip() for code in blocks(path, "bash") for line in code.splitlines()]
+    commands = [c for c in commands if c.startswith("modelrecon ")]
+    assert commands or path.name == "README.md"
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main(shlex.split(command)[1:])
+        assert not exit_info.value.code, command
