@@ -127,7 +127,7 @@ def _on_input(site_hooks: _SiteHooks, site: str, reshape: tuple[int, ...] | None
 
     def hook(module, args, kwargs):
         value = args[0] if args else kwargs["hidden_states"]
-        shaped = value.view(*value.shape[:-1], *reshape) if reshape else value
+        shaped = value.reshape(*value.shape[:-1], *reshape) if reshape else value
         new = site_hooks.apply(site, shaped)
         if new is shaped:
             return None

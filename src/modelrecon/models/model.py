@@ -49,7 +49,7 @@ class SiteInfo:
     doc: str
 
 
-@dataclass
+@dataclass(eq=False)
 class Model:
     """A loaded language model. Build it with `modelrecon.load(...)` or `Model(hf_model, tokenizer)`."""
 
