@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
 from contextlib import contextmanager
+from typing import Iterator
 
 from rich.console import Console
 
@@ -11,7 +12,10 @@ _console = Console(stderr=True)
 
 
 @contextmanager
-def status(message: str) -> Iterator[None]:
-    """A spinner with a message while a step of unknown length runs."""
-    with _console.status(message):
-        yield
+def step(message: str) -> Iterator[None]:
+    """Announce a long step and report its duration. Inner progress bars (transformers' own) show while it runs,
+    so this draws no spinner that would fight with them."""
+    _console.print(f"{message} ...", markup=False, highlight=False)
+    start = time.perf_counter()
+    yield
+    _console.print(f"done in {time.perf_counter() - start:.1f} s", markup=False, highlight=False)

@@ -21,7 +21,7 @@ import torch
 from modelrecon.errors import BadModelFileError, ModelNotInstalledError, OfflineError, UnknownModelError
 from modelrecon.models.embedded import EMBEDDED
 from modelrecon.models.model import Model
-from modelrecon.progress import status
+from modelrecon.progress import step
 
 _CACHE_MARKER = "modelrecon-cache.json"
 
@@ -106,7 +106,7 @@ def gguf_to_folder(parts: list[Path], label: str) -> tuple[Path, str]:
                 for part in parts:
                     with open(part, "rb") as f:
                         shutil.copyfileobj(f, out, 1 << 22)
-        with status(f"De-quantizing {label} once (later loads use the cache in {target.parent})"):
+        with step(f"De-quantizing {label} once (later loads use the cache in {target.parent})"):
             hf_model, tokenizer = _read_gguf(gguf)
             staged = Path(tmp) / "folder"
             hf_model.save_pretrained(staged)
