@@ -10,8 +10,8 @@ import argparse
 import gc
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
