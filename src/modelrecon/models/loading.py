@@ -106,6 +106,7 @@ def gguf_to_folder(parts: list[Path], label: str) -> tuple[Path, str]:
                 for part in parts:
                     with open(part, "rb") as f:
                         shutil.copyfileobj(f, out, 1 << 22)
+        _check_gguf(gguf)  # fail on a bad file before announcing a long step
         with step(f"De-quantizing {label} once (later loads use the cache in {target.parent})"):
             hf_model, tokenizer = _read_gguf(gguf)
             staged = Path(tmp) / "folder"
@@ -120,6 +121,26 @@ def gguf_to_folder(parts: list[Path], label: str) -> tuple[Path, str]:
     return target, sha
 
 
+def _bad_gguf(gguf: Path, exc: Exception) -> BadModelFileError:
+    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return BadModelFileError(
+        f"cannot read GGUF file '{gguf}' ({reason}); the file is corrupt or not a supported GGUF model, "
+        "re-download or reinstall it"
+    )
+
+
+def _check_gguf(gguf: Path) -> None:
+    """Parse the GGUF header and tensor table (memory-mapped, fast) so a bad file fails before the long step."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf)
+        if not reader.tensors:
+            raise ValueError("no tensors")
+    except Exception as exc:  # the reader raises many kinds for a bad file; all mean the same to the user
+        raise _bad_gguf(gguf, exc) from exc
+
+
 def _read_gguf(gguf: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,11 +148,7 @@ def _read_gguf(gguf: Path):
         hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many kinds for a bad file; all mean the same to the user
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise BadModelFileError(
-            f"cannot read GGUF file '{gguf}' ({reason}); the file is corrupt or not a supported GGUF model, "
-            "re-download or reinstall it"
-        ) from exc
+        raise _bad_gguf(gguf, exc) from exc
     if getattr(hf_model, "hf_quantizer", None) is not None:
         # Weights are already de-quantized to fp32; drop the marker that forbids saving them.
         hf_model.hf_quantizer.remove_quantization_config(hf_model)
