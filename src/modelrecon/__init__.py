@@ -1,5 +1,6 @@
 """modelrecon: record, share, test causally and trace what happens inside language models."""
 
+from modelrecon.cube import Cube, capture, open_cube
 from modelrecon.errors import ModelreconError
 from modelrecon.hooks import HookContext, RunResult, Trace, hooked, run
 from modelrecon.models import DEFAULT_MODEL, EMBEDDED, Batch, Model, load

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
+stdout = Console()
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="embedded name, local folder, .gguf file or hub id")]
 
@@ -37,9 +38,9 @@ def models() -> None:
     table = Table("name", "installed", "description", "license")
     for m in EMBEDDED.values():
         table.add_row(m.name, "yes" if m.installed else "no", m.description, m.license)
-    out.print(table)
+    stdout.print(table)
     for m in EMBEDDED.values():
-        out.print(f"install {m.name}: {m.install_command}", markup=False, highlight=False, soft_wrap=True)
+        stdout.print(f"install {m.name}: {m.install_command}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -50,7 +51,7 @@ def sites(model: ModelOption = DEFAULT_MODEL, pattern: Annotated[str, typer.Argu
     for info in loaded.sites():
         if info.name in loaded.resolve_sites(pattern):
             table.add_row(info.name, escape("[" + ", ".join(map(str, info.shape)) + "]"), info.doc)
-    out.print(table)
+    stdout.print(table)
 
 
 @app.command()
@@ -69,7 +70,140 @@ def run(
     table = Table("rank", "token", "probability", title=f"{loaded.name}: next token after {prompt!r}")
     for rank, (token, prob) in enumerate(result.top_next_tokens(min(top, loaded.vocab_size)), start=1):
         table.add_row(str(rank), repr(token), f"{prob:.4f}")
-    out.print(table)
+    stdout.print(table)
+
+
+def _split_patterns(values: list[str]) -> list[str]:
+    return [p for v in values for p in v.replace(",", " ").split()]
+
+
+@app.command()
+def capture(
+    out: Annotated[Path, typer.Option("--out", "-o", help="the cube folder to write (e.g. run.zarr)")],
+    model: ModelOption = DEFAULT_MODEL,
+    text: Annotated[list[str] | None, typer.Option("--text", help="a prompt (repeatable)")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help=".txt (a prompt per line), .jsonl or .parquet")
+    ] = None,
+    sites: Annotated[list[str], typer.Option("--sites", help="site names or globs (repeatable)")] = None,
+    dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="stop after this many tokens")] = None,
+    context_length: Annotated[int | None, typer.Option(min=1, help="truncate each prompt to this many tokens")] = None,
+    attention: Annotated[bool, typer.Option("--attention", help="also store attention patterns")] = False,
+    chunk_tokens: Annotated[int, typer.Option(min=1, help="tokens per stored chunk")] = 1024,
+) -> None:
+    """Record sites on prompts into an activation cube; re-run the same command to resume after an interruption."""
+    from modelrecon.cube.capture import capture as capture_cube
+    from modelrecon.cube.prompts import read_prompts
+    from modelrecon.errors import BadInputError
+
+    if (text is None) == (prompts is None):
+        raise BadInputError("give either --text TEXT (repeatable) or --prompts FILE")
+    prompt_list = list(text) if text else read_prompts(prompts)
+    loaded = _load(model)
+    try:
+        cube = capture_cube(
+            loaded,
+            prompt_list,
+            out,
+            sites=_split_patterns(sites or ["layers.*.resid_post"]),
+            dtype=dtype,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            context_length=context_length,
+            attention=attention,
+            chunk_tokens=chunk_tokens,
+        )
+    except KeyboardInterrupt:
+        Console(stderr=True).print(f"interrupted: re-run the same command to resume {out}", markup=False)
+        sys.exit(130)
+    info = cube.describe()
+    stdout.print(
+        f"cube {info['path']}: {info['prompts']} prompts, {info['tokens']} tokens, "
+        f"sites {', '.join(info['sites'])}, {info['bytes_on_disk'] / 1e6:.2f} MB",
+        markup=False,
+    )
+
+
+cube_app = typer.Typer(help="Inspect, view and export activation cubes.", no_args_is_help=True)
+app.add_typer(cube_app, name="cube")
+CubePath = Annotated[Path, typer.Argument(help="a cube folder")]
+
+
+@cube_app.command("info")
+def cube_info(cube: CubePath, partial: Annotated[bool, typer.Option(help="open an unfinished cube")] = False) -> None:
+    """Sites, shapes, tokens, size on disk and provenance of a cube."""
+    from modelrecon.cube.reader import layer_range, open_cube
+
+    opened = open_cube(cube, allow_partial=partial)
+    info = opened.describe()
+    table = Table("site kind", "tokens × layers × units", "layers")
+    for kind, shape in info["sites"].items():
+        table.add_row(kind, " × ".join(map(str, shape)), layer_range(opened.layers(kind)))
+    stdout.print(table)
+    for key in ("path", "status", "model", "weights_sha256", "prompts", "tokens", "dtype", "attention", "created"):
+        stdout.print(f"{key}: {info[key]}", markup=False, highlight=False)
+    stdout.print(
+        f"size on disk: {info['bytes_on_disk'] / 1e6:.2f} MB ({info['bytes_on_disk'] / max(1, info['tokens']):.0f} "
+        "bytes/token)",
+        markup=False,
+    )
+    stdout.print(
+        "versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()), markup=False, highlight=False
+    )
+
+
+@cube_app.command("show")
+def cube_show(
+    cube: CubePath,
+    html: Annotated[Path, typer.Option("--html", help="the HTML file to write")],
+    prompt: Annotated[int, typer.Option(min=0)] = 0,
+    site: Annotated[str | None, typer.Option(help="site kind, e.g. resid_post (default: the first)")] = None,
+    metric: Annotated[str, typer.Option(help="norm, mean, std, max or frac_active")] = "norm",
+) -> None:
+    """Write a self-contained offline HTML view: token × layer heatmap and a per-token line across layers."""
+    from modelrecon.cube.html import write_html
+    from modelrecon.cube.reader import open_cube
+
+    written = write_html(open_cube(cube), html, prompt=prompt, kind=site, metric=metric)
+    stdout.print(f"wrote {written}", markup=False)
+
+
+@cube_app.command("export")
+def cube_export(
+    cube: CubePath,
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="the file to write")],
+    fmt: Annotated[str, typer.Option("--format", help="npz, safetensors or activitycube (JSON)")] = "npz",
+    site: Annotated[str | None, typer.Option(help="site kind for activitycube (default: the first)")] = None,
+    prompt: Annotated[int, typer.Option(min=0, help="prompt for activitycube")] = 0,
+) -> None:
+    """Export a cube to flat arrays (npz, safetensors) or to the ActivityCube JSON of the seed prototype."""
+    import json as json_module
+
+    from modelrecon.cube.export import _atomic_target, export_cube, to_activity_cube
+    from modelrecon.cube.reader import open_cube
+
+    opened = open_cube(cube)
+    if fmt == "activitycube":
+        doc = to_activity_cube(opened, site or opened.site_kinds[0], prompt)
+        with _atomic_target(out_file, ".json") as temp:
+            temp.write_text(json_module.dumps(doc), encoding="utf-8")
+    else:
+        export_cube(opened, out_file, fmt)
+    stdout.print(f"wrote {out_file}", markup=False)
+
+
+@cube_app.command("import")
+def cube_import(
+    source: Annotated[Path, typer.Argument(help="an ActivityCube JSON file")],
+    out_cube: Annotated[Path, typer.Option("--out", "-o", help="the cube folder to write")],
+) -> None:
+    """Import an ActivityCube JSON file as a summaries-only cube."""
+    from modelrecon.cube.export import import_activity_cube
+
+    cube = import_activity_cube(source, out_cube)
+    stdout.print(f"wrote {cube.path}: {cube.n_tokens} tokens, {len(cube.layers('imported'))} layers", markup=False)
 
 
 def main(argv: list[str] | None = None) -> None:

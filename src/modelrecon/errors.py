@@ -34,3 +34,7 @@ class UnknownSiteError(ModelreconError):
 
 class BadInputError(ModelreconError):
     """Bad arguments: empty prompt, wrong shape returned by an edit, ..."""
+
+
+class CubeError(ModelreconError):
+    """An activation cube that is missing, corrupt, unfinished, of an unknown schema, or lacks what was asked."""

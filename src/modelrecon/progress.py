@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -19,3 +19,28 @@ def step(message: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     _console.print(f"done in {time.perf_counter() - start:.1f} s", markup=False, highlight=False)
+
+
+@contextmanager
+def token_progress(total: int, done: int = 0, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A progress bar over tokens with tokens/s and ETA; yields `advance(n_tokens)`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("capturing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens  {task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=_console, disable=not enabled, transient=False) as bar:
+        task = bar.add_task("capture", total=total, completed=done, rate="")
+        start, counted = time.perf_counter(), 0
+
+        def advance(n: int) -> None:
+            nonlocal counted
+            counted += n
+            rate = counted / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, advance=n, rate=f"{rate:,.0f} tok/s")
+
+        yield advance

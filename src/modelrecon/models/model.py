@@ -6,6 +6,7 @@ The wrapped `hf` model is never modified: modelrecon reads and writes its intern
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -159,14 +160,33 @@ class Model:
         return [self.tokenizer.decode([int(t)]) for t in ids]
 
     # --- the plain forward pass ----------------------------------------------------------------------------------
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """The model's own forward pass on a batch: logits `[batch, pos, vocab]`."""
-        return self.hf(
+    def forward(self, batch: Batch, logits: bool = True) -> torch.Tensor:
+        """The model's own forward pass on a batch: logits `[batch, pos, vocab]`.
+
+        With logits=False only the base model runs (no unembedding): it returns the `final` residual stream
+        `[batch, pos, d_model]`, which is all a capture that records no `logits` needs.
+        """
+        inputs = dict(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             use_cache=False,
-        ).logits
+        )
+        if logits:
+            return self.hf(**inputs).logits
+        return self.hf.base_model(**inputs).last_hidden_state
+
+    # --- provenance ----------------------------------------------------------------------------------------------
+    def weights_sha256(self) -> str:
+        """SHA-256 over every parameter and buffer (name, dtype, shape, bytes): the identity of these weights."""
+        if "weights_sha256" not in self.source:
+            digest = hashlib.sha256()
+            for name, tensor in self.hf.state_dict().items():
+                tensor = tensor.detach().cpu().contiguous()
+                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+                digest.update(memoryview(tensor.view(torch.uint8).reshape(-1).numpy()))
+            self.source["weights_sha256"] = digest.hexdigest()
+        return self.source["weights_sha256"]
 
     def __repr__(self) -> str:
         return (

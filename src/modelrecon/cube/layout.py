@@ -1,0 +1,61 @@
+"""The activation cube's on-disk layout (docs/cube-format.md is the specification; keep the two in step).
+
+A cube is a Zarr v3 group:
+
+    zarr.json                      attributes["modelrecon_cube"]: the metadata document (schema, provenance, status)
+    prompts/text_bytes, text_offsets   UTF-8 text of each prompt, laid end to end
+    prompts/token_offsets          int64 [n_prompts + 1]: prompt i owns tokens token_offsets[i] : token_offsets[i+1]
+    tokens/prompt_index, position, token_id    [n_tokens]
+    tokens/text_bytes, text_offsets            decoded text of each token, UTF-8, laid end to end
+    sites/<kind>                   [n_tokens, n_layers, n_units], e.g. sites/resid_post, sites/mlp.neurons
+    summaries/<kind>               float32 [n_tokens, n_layers, 5]: norm, mean, std, max, frac_active
+    attention/prompt_<i>           [n_layers, n_heads, q, k] when attention was captured
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SCHEMA = "modelrecon.cube"
+SCHEMA_VERSION = 1
+ATTRS_KEY = "modelrecon_cube"
+STATS = ("norm", "mean", "std", "max", "frac_active")
+STATUS_COMPLETE = "complete"
+STATUS_CAPTURING = "capturing"
+
+
+def site_kind_of(site_name: str) -> tuple[str, int | None]:
+    """'layers.3.mlp.out' -> ('mlp.out', 3); 'final' -> ('final', None)."""
+    if site_name.startswith("layers."):
+        _, layer, kind = site_name.split(".", 2)
+        return kind, int(layer)
+    return site_name, None
+
+
+def summarise(values: np.ndarray) -> np.ndarray:
+    """[tokens, layers, units] -> [tokens, layers, 5] in STATS order; std is the population std (0 for one unit)."""
+    values = values.astype(np.float32, copy=False)
+    return np.stack(
+        [
+            np.sqrt(np.square(values, dtype=np.float64).sum(-1)),
+            values.mean(-1, dtype=np.float64),
+            values.std(-1, dtype=np.float64),
+            values.max(-1),
+            (values > 0).mean(-1, dtype=np.float64),
+        ],
+        axis=-1,
+    ).astype(np.float32)
+
+
+def encode_strings(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings -> (uint8 bytes laid end to end, int64 offsets [n + 1])."""
+    encoded = [t.encode("utf-8") for t in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+def decode_strings(data: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """Inverse of encode_strings for a run of strings: `data` starts at byte offsets[0]."""
+    raw, base = data.tobytes(), int(offsets[0])
+    return [raw[int(a) - base : int(b) - base].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
