@@ -296,6 +296,8 @@ def capture(
 
 
 def _stream(model: Model, plan: _Plan, path: Path, show_progress: bool) -> None:
+    for leftover in path.rglob("*.partial"):  # temporary files of writes a killed run did not finish
+        leftover.unlink()
     group = zarr.open_group(path, mode="r+")
     meta = dict(group.attrs[layout.ATTRS_KEY])
     offsets, chunk = plan.offsets, plan.settings["chunk_tokens"]

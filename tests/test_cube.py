@@ -1,0 +1,412 @@
+"""Activation cubes: values equal the hooks, resumable capture, reading with plain zarr, exports, views, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import modelrecon as mr
+from modelrecon.cli import main
+from modelrecon.cube import layout
+from modelrecon.cube.export import export_cube, import_activity_cube, to_activity_cube
+from modelrecon.cube.html import view_data, write_html
+from modelrecon.errors import BadInputError, CubeError
+
+from tiny import tiny_model
+
+PROMPTS = ["Hello there, world!", "Hi", "The quick brown fox jumps", "abc def", "x"]
+SITES = ["embed", "layers.*.resid_post", "layers.1.mlp.neurons", "layers.*.attn.heads", "logits"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("qwen2")
+
+
+def _direct(model, prompts, batch_size):
+    """What the hooks record, run in the same batches as the capture."""
+    acts = {}
+    for start in range(0, len(prompts), batch_size):
+        result = mr.run(model, prompts[start : start + batch_size], record=SITES)
+        for site, values in result.acts.items():
+            acts.setdefault(site, []).extend(values)
+    return acts
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_values_read_back_equal_the_hooks(model, tmp_path, dtype):
+    cube = mr.capture(
+        model, PROMPTS, tmp_path / "c.zarr", sites=SITES, dtype=dtype, batch_size=2, chunk_tokens=7, progress=False
+    )
+    direct = _direct(model, PROMPTS, batch_size=2)
+    cast = torch.float32 if dtype == "float32" else torch.float16
+    assert cube.site_kinds == ["embed", "attn.heads", "resid_post", "mlp.neurons", "logits"]  # model order
+    for i in range(len(PROMPTS)):
+        for kind in cube.site_kinds:
+            layers = cube.layers(kind)
+            names = [kind if layer is None else f"layers.{layer}.{kind}" for layer in layers]
+            expected = torch.stack([direct[n][i].flatten(1) for n in names], 1).to(cast).numpy()
+            assert np.array_equal(cube.get(kind, prompt=i), expected), (kind, i)
+        assert cube.str_tokens(i) == model.str_tokens(model.encode(PROMPTS[i]))
+        assert cube.prompt_text(i) == PROMPTS[i]
+    # Summaries are computed from the fp32 values before any cast.
+    full = torch.stack([direct[f"layers.{layer}.resid_post"][2] for layer in range(model.n_layers)], 1)
+    norms = cube.summaries("resid_post", "norm", prompt=2)
+    np.testing.assert_allclose(norms, full.norm(dim=-1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        cube.summaries("resid_post", "frac_active", prompt=2), (full > 0).float().mean(-1), rtol=1e-6
+    )
+
+
+def test_slices_xarray_and_top_examples(model, tmp_path):
+    cube = mr.capture(model, PROMPTS, tmp_path / "c.zarr", sites=SITES, dtype="float32", progress=False)
+    full = cube.get("resid_post")
+    assert np.array_equal(cube.get("resid_post", layers=[2, 0], units=[5, 1]), full[:, [2, 0]][:, :, [5, 1]])
+    assert np.array_equal(cube.get("resid_post", layers=1, units=slice(3, 9)), full[:, [1], 3:9])
+    assert torch.equal(cube.get("resid_post", prompt=3, as_torch=True), torch.from_numpy(full[cube.prompt_tokens(3)]))
+    array = cube.to_xarray("resid_post", prompt=2)
+    assert array.dims == ("token", "layer", "unit") and list(array.layer.values) == [0, 1, 2]
+    assert list(array.text.values) == cube.str_tokens(2)
+    top = cube.top_examples("resid_post", layer=1, unit=4, k=3, window=2)
+    column = full[:, 1, 4]
+    assert [e.value for e in top] == sorted(column, reverse=True)[:3]
+    best = int(np.argmax(column))
+    prompt = int(cube.token_table()["prompt_index"][best])
+    assert top[0].prompt == prompt and top[0].position == best - cube.prompt_tokens(prompt).start
+    assert f"[[{top[0].token}]]" in top[0].context
+
+
+def test_summaries_are_nan_safe_for_one_unit():
+    stats = layout.summarise(np.array([[[3.0]], [[-2.0]]], dtype=np.float32))
+    assert not np.isnan(stats).any()
+    assert stats[:, 0, layout.STATS.index("std")].tolist() == [0.0, 0.0]
+    assert stats[:, 0, layout.STATS.index("norm")].tolist() == [3.0, 2.0]
+
+
+PLAIN_READER = r"""
+import hashlib, json, sys
+import numpy as np, zarr
+path = sys.argv[1]
+attrs = json.load(open(f"{path}/zarr.json"))["attributes"]["modelrecon_cube"]
+assert attrs["schema"] == "modelrecon.cube" and attrs["status"] == "complete"
+group = zarr.open_group(path, mode="r")
+offsets = group["prompts/token_offsets"][:]
+text_bytes, text_offsets = group["tokens/text_bytes"][:].tobytes(), group["tokens/text_offsets"][:]
+texts = [text_bytes[a:b].decode() for a, b in zip(text_offsets[:-1], text_offsets[1:])]
+values = group["sites/resid_post"][int(offsets[1]):int(offsets[2])]
+print(json.dumps({"layers": group["sites/resid_post"].attrs["layers"], "texts": texts[int(offsets[1]):int(offsets[2])],
+                  "sha": hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest(),
+                  "modelrecon_imported": "modelrecon" in sys.modules}))
+"""
+
+
+def test_plain_zarr_reads_a_cube_by_the_spec_alone(model, tmp_path):
+    cube = mr.capture(model, PROMPTS, tmp_path / "c.zarr", sites=SITES, progress=False)
+    out = subprocess.run(
+        [sys.executable, "-c", PLAIN_READER, str(cube.path)], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    got = json.loads(out.stdout)
+    assert got["modelrecon_imported"] is False
+    assert got["layers"] == [0, 1, 2] and got["texts"] == cube.str_tokens(1)
+    import hashlib
+
+    assert got["sha"] == hashlib.sha256(np.ascontiguousarray(cube.get("resid_post", prompt=1)).tobytes()).hexdigest()
+
+
+def _capture_command(folder, prompts_file, out):
+    return [
+        sys.executable,
+        "-m",
+        "modelrecon.cli",
+        "capture",
+        "--model",
+        str(folder),
+        "--prompts",
+        str(prompts_file),
+        "--out",
+        str(out),
+        "--sites",
+        "layers.*.resid_post",
+        "--sites",
+        "layers.1.mlp.out",
+        "--batch-size",
+        "2",
+        "--chunk-tokens",
+        "32",
+        "--dtype",
+        "float32",
+        "--attention",
+    ]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and str(p.relative_to(root)) != "zarr.json"
+    }
+
+
+def test_capture_killed_with_sigkill_resumes_bit_identical(tmp_path):
+    folder = tmp_path / "tiny"
+    m = tiny_model("llama")
+    m.hf.save_pretrained(folder)
+    m.tokenizer.save_pretrained(folder)
+    prompts_file = tmp_path / "prompts.txt"
+    rng = np.random.default_rng(0)
+    prompts_file.write_text(
+        "\n".join("".join(rng.choice(list("abcdefgh ,."), size=rng.integers(3, 30))) for _ in range(800))
+    )
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    killed = tmp_path / "killed.zarr"
+    process = subprocess.Popen(
+        _capture_command(folder, prompts_file, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    progress = 0
+    while time.time() < deadline and process.poll() is None:
+        try:
+            meta = json.loads((killed / "zarr.json").read_text())["attributes"]["modelrecon_cube"]
+            progress = meta["progress"]["tokens_written"]
+        except (OSError, ValueError, KeyError):
+            progress = 0
+        if progress > 0:
+            break
+        time.sleep(0.02)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    meta = json.loads((killed / "zarr.json").read_text())["attributes"]["modelrecon_cube"]
+    assert meta["status"] == "capturing", "the capture finished before it could be killed"
+    total = meta["capture"]["n_tokens"]
+    assert 0 < meta["progress"]["tokens_written"] < total
+    with pytest.raises(CubeError, match="is not finished"):
+        mr.open_cube(killed)
+    partial = mr.open_cube(killed, allow_partial=True)
+    assert partial.get("resid_post", prompt=0).shape[1] == 3
+
+    subprocess.run(_capture_command(folder, prompts_file, killed), env=env, check=True, capture_output=True)
+    straight = tmp_path / "straight.zarr"
+    subprocess.run(_capture_command(folder, prompts_file, straight), env=env, check=True, capture_output=True)
+    killed_files, straight_files = _files(killed), _files(straight)
+    assert killed_files.keys() == straight_files.keys()
+    assert all(killed_files[name] == straight_files[name] for name in killed_files)
+    resumed = mr.open_cube(killed)
+    assert resumed.metadata["status"] == "complete" and resumed.n_tokens == total
+    assert np.array_equal(resumed.get("resid_post"), mr.open_cube(straight).get("resid_post"))
+
+
+def test_rerun_with_other_settings_is_refused(model, tmp_path):
+    mr.capture(model, PROMPTS, tmp_path / "c.zarr", sites=["layers.0.resid_post"], progress=False)
+    again = mr.capture(model, PROMPTS, tmp_path / "c.zarr", sites=["layers.0.resid_post"], progress=False)
+    assert again.metadata["status"] == "complete"
+    with pytest.raises(CubeError, match="holds a different capture"):
+        mr.capture(model, PROMPTS, tmp_path / "c.zarr", sites=["layers.1.resid_post"], progress=False)
+
+
+def test_write_failure_leaves_a_cube_that_does_not_look_finished(model, tmp_path, monkeypatch):
+    """Disk full in the middle of a capture: a one-line error, and the cube stays unfinished (resumable)."""
+    calls = {"n": 0}
+    original = zarr.Array.__setitem__
+
+    def failing_setitem(self, key, value):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(28, "No space left on device")
+        return original(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", failing_setitem)
+    with pytest.raises(CubeError, match="No space left on device"):
+        mr.capture(
+            model, PROMPTS * 4, tmp_path / "c.zarr", sites=["layers.0.resid_post"], chunk_tokens=4, progress=False
+        )
+    with pytest.raises(CubeError, match="is not finished"):
+        mr.open_cube(tmp_path / "c.zarr")
+    monkeypatch.setattr(zarr.Array, "__setitem__", original)
+    resumed = mr.capture(
+        model, PROMPTS * 4, tmp_path / "c.zarr", sites=["layers.0.resid_post"], chunk_tokens=4, progress=False
+    )
+    straight = mr.capture(
+        model, PROMPTS * 4, tmp_path / "d.zarr", sites=["layers.0.resid_post"], chunk_tokens=4, progress=False
+    )
+    assert np.array_equal(resumed.get("resid_post"), straight.get("resid_post"))
+
+
+def test_exports_hold_the_same_arrays(model, tmp_path):
+    cube = mr.capture(model, PROMPTS, tmp_path / "c.zarr", sites=SITES, progress=False)
+    export_cube(cube, tmp_path / "c.npz", "npz")
+    export_cube(cube, tmp_path / "c.safetensors", "safetensors")
+    from safetensors.numpy import load_file
+
+    for arrays in (dict(np.load(tmp_path / "c.npz")), load_file(tmp_path / "c.safetensors")):
+        assert set(arrays) == {*cube.site_kinds, "token_ids", "prompt_index", "position"}
+        for kind in cube.site_kinds:
+            assert np.array_equal(arrays[kind], cube.get(kind))
+        assert np.array_equal(arrays["token_ids"], cube.token_table()["token_id"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+
+
+def test_activity_cube_json_round_trip(model, tmp_path):
+    cube = mr.capture(model, PROMPTS, tmp_path / "c.zarr", sites=["layers.*.resid_post"], progress=False)
+    doc = to_activity_cube(cube, "resid_post", prompt=2)
+    assert [layer["layer_name"] for layer in doc["layers"]] == [f"layers.{i}.resid_post" for i in range(3)]
+    assert doc["tokens"] == [str(t) for t in cube.token_ids(2).tolist()]
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    imported = import_activity_cube(tmp_path / "a.json", tmp_path / "imported.zarr")
+    original = cube.summaries("resid_post", prompt=2)
+    for stat in ("norm", "mean", "std"):
+        np.testing.assert_array_equal(imported.summaries("imported", stat), original[..., layout.STATS.index(stat)])
+    assert imported.str_tokens(0) == cube.str_tokens(2)
+    with pytest.raises(CubeError, match="holds only summaries"):
+        imported.get("imported")
+    (tmp_path / "bad.json").write_text(json.dumps({"tokens": ["1"], "layers": [{"core_metrics": {}}]}))
+    with pytest.raises(BadInputError, match="not an ActivityCube JSON file"):
+        import_activity_cube(tmp_path / "bad.json", tmp_path / "bad.zarr")
+
+
+def test_html_view_is_self_contained_and_shows_the_summaries(model, tmp_path):
+    cube = mr.capture(model, PROMPTS, tmp_path / "c.zarr", sites=["layers.*.resid_post"], progress=False)
+    page = write_html(cube, tmp_path / "v.html", prompt=2, kind="resid_post", metric="max").read_text()
+    assert "http://" not in page and "https://" not in page and "<script src" not in page
+    data = json.loads(page.split('type="application/json">')[1].split("</script>")[0])
+    assert data == view_data(cube, 2, "resid_post", "max")
+    np.testing.assert_allclose(np.array(data["values"]), cube.summaries("resid_post", "max", prompt=2), rtol=1e-6)
+    assert data["tokens"] == cube.str_tokens(2)
+
+
+@pytest.mark.parametrize(
+    "suffix,content", [(".txt", "first\n\nsecond\n"), (".jsonl", '{"text": "first"}\n{"text": "second"}\n')]
+)
+def test_prompt_files(suffix, content, tmp_path):
+    from modelrecon.cube.prompts import read_prompts
+
+    (tmp_path / f"p{suffix}").write_text(content)
+    assert read_prompts(tmp_path / f"p{suffix}") == ["first", "second"]
+
+
+def test_parquet_prompts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from modelrecon.cube.prompts import read_prompts
+
+    pq.write_table(pa.table({"text": ["one", "two"], "other": [1, 2]}), tmp_path / "p.parquet")
+    assert read_prompts(tmp_path / "p.parquet") == ["one", "two"]
+
+
+# --- bad input through the CLI: one line, exit 2, no cube that looks finished ---------------------------------------
+def cli(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+def one_line_error(code, err, fragment):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    m = tiny_model("llama")
+    m.hf.save_pretrained(folder)
+    m.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cli_capture_info_show_export(capsys, tmp_path, tiny_folder):
+    out = tmp_path / "c.zarr"
+    code, stdout, _ = cli(
+        capsys,
+        "capture",
+        "--model",
+        tiny_folder,
+        "--text",
+        "hello world",
+        "--text",
+        "abc",
+        "--sites",
+        "layers.*.resid_post,final",
+        "--out",
+        out,
+    )
+    assert code == 0 and "2 prompts, 14 tokens" in stdout
+    code, stdout, _ = cli(capsys, "cube", "info", out)
+    assert code == 0 and "resid_post" in stdout and "14 × 3 × 32" in stdout and "bytes/token" in stdout
+    code, stdout, _ = cli(
+        capsys, "cube", "show", out, "--prompt", "1", "--site", "resid_post", "--html", tmp_path / "v.html"
+    )
+    assert code == 0 and (tmp_path / "v.html").is_file()
+    code, _, _ = cli(capsys, "cube", "export", out, "--format", "npz", "--out", tmp_path / "c.npz")
+    assert code == 0 and np.load(tmp_path / "c.npz")["resid_post"].shape == (14, 3, 32)
+    code, _, _ = cli(capsys, "cube", "export", out, "--format", "activitycube", "--out", tmp_path / "a.json")
+    code, stdout, _ = cli(capsys, "cube", "import", tmp_path / "a.json", "--out", tmp_path / "i.zarr")
+    assert code == 0 and "11 tokens, 3 layers" in stdout
+
+
+def test_cli_bad_cubes(capsys, tmp_path, tiny_folder):
+    one_line_error(*cli(capsys, "cube", "info", tmp_path / "missing.zarr")[::2], "no cube at")
+    (tmp_path / "corrupt.zarr").mkdir()
+    (tmp_path / "corrupt.zarr" / "zarr.json").write_text("{not json")
+    one_line_error(*cli(capsys, "cube", "info", tmp_path / "corrupt.zarr")[::2], "missing or corrupt zarr.json")
+    out = tmp_path / "c.zarr"
+    cli(capsys, "capture", "--model", tiny_folder, "--text", "hello", "--out", out)
+    meta_file = out / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"]["modelrecon_cube"]["schema_version"] = 99
+    (tmp_path / "future.zarr").mkdir()
+    (tmp_path / "future.zarr" / "zarr.json").write_text(json.dumps(meta))
+    one_line_error(*cli(capsys, "cube", "info", tmp_path / "future.zarr")[::2], "schema version 99")
+    one_line_error(
+        *cli(capsys, "cube", "show", out, "--site", "mlp.out", "--html", tmp_path / "v.html")[::2],
+        "site kind 'mlp.out' was not captured",
+    )
+    assert not (tmp_path / "v.html").exists()
+
+
+def test_cli_bad_capture_input(capsys, tmp_path, tiny_folder):
+    (tmp_path / "p.csv").write_text("a,b\n")
+    one_line_error(
+        *cli(capsys, "capture", "--model", tiny_folder, "--prompts", tmp_path / "p.csv", "--out", tmp_path / "c.zarr")[
+            ::2
+        ],
+        "unknown format '.csv'",
+    )
+    (tmp_path / "p.jsonl").write_text('{"txt": "a"}\n')
+    one_line_error(
+        *cli(
+            capsys, "capture", "--model", tiny_folder, "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "c.zarr"
+        )[::2],
+        'has no string "text" field',
+    )
+    one_line_error(
+        *cli(
+            capsys,
+            "capture",
+            "--model",
+            tiny_folder,
+            "--text",
+            "a",
+            "--sites",
+            "layers.9.resid_post",
+            "--out",
+            tmp_path / "c.zarr",
+        )[::2],
+        "unknown site",
+    )
+    assert not (tmp_path / "c.zarr").exists()
+    target = Path("/sys/modelrecon-test.zarr")  # a read-only place, even for root
+    code, _, err = cli(capsys, "capture", "--model", tiny_folder, "--text", "a", "--out", target)
+    if target.exists():
+        pytest.skip("/sys is writable here")
+    one_line_error(code, err, "cannot write a cube")
