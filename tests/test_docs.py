@@ -19,15 +19,25 @@ def blocks(path: Path, language: str) -> list[str]:
     return [body for lang, body in BLOCK.findall(path.read_text()) if lang == language]
 
 
+@pytest.fixture
+def docs_dir(tmp_path, monkeypatch, smollm2):
+    """Examples run in a fresh folder holding the cube the format doc reads (`demo.zarr`)."""
+    monkeypatch.chdir(tmp_path)
+    import modelrecon as mr
+
+    mr.capture(smollm2, "The capital of France is", "demo.zarr", progress=False)
+    return tmp_path
+
+
 @pytest.mark.parametrize("path", [p for p in DOCS if blocks(p, "python")], ids=lambda p: p.name)
-def test_python_examples_run(path, smollm2):
+def test_python_examples_run(path, docs_dir):
     namespace: dict = {}
     for code in blocks(path, "python"):
         exec(compile(code, str(path), "exec"), namespace)
 
 
 @pytest.mark.parametrize("path", [p for p in DOCS if blocks(p, "bash")], ids=lambda p: p.name)
-def test_cli_examples_run(path, smollm2):
+def test_cli_examples_run(path, docs_dir):
     commands = [line.split("#")[0].strip() for code in blocks(path, "bash") for line in code.splitlines()]
     commands = [c for c in commands if c.startswith("modelrecon ")]
     assert commands or path.name == "README.md"
