@@ -22,8 +22,16 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+DEMO_PROMPT ?= The capital of France is
+DEMO_OUT ?= demo-output
+
 demo: install
-	$(VENV)/bin/modelrecon run "The capital of France is"
+	$(VENV)/bin/modelrecon run "$(DEMO_PROMPT)"
+	$(VENV)/bin/modelrecon capture --text "$(DEMO_PROMPT)" --sites 'layers.*.resid_post' --sites 'layers.*.mlp.out' \
+		--attention --dtype float32 --out $(DEMO_OUT)/capital.zarr
+	$(VENV)/bin/modelrecon cube show $(DEMO_OUT)/capital.zarr --site resid_post --metric norm \
+		--html $(DEMO_OUT)/capital.html
+	@echo "activation cube: $(DEMO_OUT)/capital.zarr   view: $(DEMO_OUT)/capital.html (open it in a browser)"
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
