@@ -37,11 +37,11 @@ def summarise(values: np.ndarray) -> np.ndarray:
     values = values.astype(np.float32, copy=False)
     return np.stack(
         [
-            np.sqrt(np.square(values, dtype=np.float64).sum(-1)),
-            values.mean(-1, dtype=np.float64),
-            values.std(-1, dtype=np.float64),
+            np.sqrt(np.square(values).sum(-1)),
+            values.mean(-1),
+            values.std(-1),
             values.max(-1),
-            (values > 0).mean(-1, dtype=np.float64),
+            (values > 0).mean(-1, dtype=np.float32),
         ],
         axis=-1,
     ).astype(np.float32)
