@@ -21,13 +21,16 @@ h1 { font-size: 16px; } .meta { color: #666; margin-bottom: 12px; }
 #heat { border-collapse: collapse; } #heat td { width: 22px; height: 16px; padding: 0; }
 #heat th { font-weight: normal; font-family: monospace; white-space: pre; padding: 0 4px; }
 #heat thead th { writing-mode: vertical-rl; transform: rotate(180deg); height: 80px; text-align: left; }
-#heat td.sel, #heat thead th.sel { outline: 2px solid #000; }
+#heat thead th.sel { background: #ffe08a; }
+#heat td.sel { box-shadow: inset 1px 0 0 #000, inset -1px 0 0 #000; }
 #tip { position: fixed; background: #fff; border: 1px solid #999; padding: 2px 6px; pointer-events: none;
        display: none; font-family: monospace; }
 #line { margin-top: 16px; }
 </style></head><body>
 <h1>__TITLE__</h1>
 <div class="meta">__META__</div>
+<label>colour scale <select id="scale"><option value="log">log</option><option value="linear">linear</option>
+<option value="layer">per layer</option></select></label>
 <table id="heat"><thead></thead><tbody></tbody></table>
 <div id="tip"></div>
 <h2 style="font-size:14px">per-token <span id="metric-name"></span> across layers: <code id="line-token"></code></h2>
@@ -35,13 +38,28 @@ h1 { font-size: 16px; } .meta { color: #666; margin-bottom: 12px; }
 <script id="cube-data" type="application/json">__DATA__</script>
 <script>
 const D = JSON.parse(document.getElementById("cube-data").textContent);
-const vals = D.values.flat().filter(v => v !== null);
-const lo = Math.min(...vals), hi = Math.max(...vals);
-function color(v) {
+// Colour: log scale by default (one token, often the first, can be 100x larger than the rest), linear, or
+// normalised within each layer.
+const scaleSelect = document.getElementById("scale");
+const allValues = D.values.flat().filter(v => v !== null);
+if (Math.min(...allValues) <= 0) scaleSelect.value = "linear";
+function unit(v, i) {
+  const mode = scaleSelect.value;
+  const pool = mode === "layer" ? D.values.map(row => row[i]).filter(x => x !== null) : allValues;
+  const f = mode === "log" ? (x => Math.log(Math.max(x, 1e-12))) : (x => x);
+  const lo = Math.min(...pool.map(f)), hi = Math.max(...pool.map(f));
+  return hi > lo ? (f(v) - lo) / (hi - lo) : 0.5;
+}
+function color(v, i) {
   if (v === null) return "#eee";
-  const t = hi > lo ? (v - lo) / (hi - lo) : 0.5;
+  const t = unit(v, i);
   return `rgb(${Math.round(255 - 200 * t)},${Math.round(255 - 120 * t)},255)`;
 }
+function paint() {
+  document.querySelectorAll("#heat td").forEach(td => {
+    td.style.background = color(D.values[td.dataset.token][td.dataset.layer], +td.dataset.layer); });
+}
+scaleSelect.onchange = paint;
 const head = document.querySelector("#heat thead"), body = document.querySelector("#heat tbody");
 const hr = document.createElement("tr"); hr.appendChild(document.createElement("th"));
 D.tokens.forEach((tok, j) => { const th = document.createElement("th"); th.textContent = JSON.stringify(tok);
@@ -53,7 +71,7 @@ D.layers.forEach((layer, i) => {
   tr.appendChild(th);
   D.tokens.forEach((tok, j) => {
     const td = document.createElement("td"); const v = D.values[j][i];
-    td.style.background = color(v); td.dataset.token = j; td.dataset.layer = i;
+    td.dataset.token = j; td.dataset.layer = i;
     td.onmousemove = e => { tip.style.display = "block"; tip.style.left = (e.clientX + 12) + "px";
       tip.style.top = (e.clientY + 12) + "px";
       tip.textContent = `${JSON.stringify(tok)} @ ${layer}: ${D.metric} = ${v === null ? "n/a" : v.toPrecision(5)}`; };
@@ -80,6 +98,7 @@ function showLine(j) {
     `<text x="${W - P}" y="${H - 8}" text-anchor="end">${D.layers[D.layers.length - 1]}</text>` +
     `<text x="4" y="${P}">${b.toPrecision(4)}</text><text x="4" y="${H - P}">${a.toPrecision(4)}</text>`;
 }
+paint();
 showLine(D.tokens.length - 1);
 </script></body></html>
 """
