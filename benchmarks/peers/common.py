@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import resource
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,26 +35,62 @@ def read_tokens(path: str | Path) -> torch.Tensor:
     return torch.tensor(json.loads(Path(path).read_text()), dtype=torch.long)
 
 
-def side_by_side(variants: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each variant, timed alternately in one process.
+def others_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has been busy minus those of this process (Linux; None elsewhere)."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = ticks
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK") - own.ru_utime - own.ru_stime
+
+
+@dataclass
+class Timings:
+    """Seconds per call of each variant over the kept repetitions, and how many repetitions were thrown away."""
+
+    seconds: dict[str, list[float]]
+    disturbed: int
+
+
+def side_by_side(
+    variants: dict[str, Callable[[], object]], reps: int, warmup: int, busy_limit: float = 0.05
+) -> Timings:
+    """Time each variant `reps` times, alternately, in this process.
 
     Every repetition runs each variant once, in forward order on even repetitions and reverse order on odd ones, so a
-    slow drift of the machine (heat, another process) falls on all variants alike. Garbage is collected before each
-    call, outside the timed region, and each call's result is dropped after its clock stops.
+    slow drift of the machine falls on all variants alike. Garbage is collected before each call, outside the timed
+    region, and each call's result is dropped after its clock stops.
+
+    A repetition during which other processes kept the cores busy more than `busy_limit` of the time (the machine is
+    shared: tests, builds) is thrown away and run again, up to `2 * reps` times in all; `disturbed` counts them.
     """
     for _ in range(warmup):
         for fn in variants.values():
             fn()
     names = list(variants)
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
+    disturbed = 0
+    kept = 0
+    while kept < reps:
+        before, start_rep = others_cpu_seconds(), time.perf_counter()
+        rep = {}
+        for name in names if kept % 2 == 0 else names[::-1]:
             gc.collect()
             start = time.perf_counter()
             result = variants[name]()
-            seconds[name].append(time.perf_counter() - start)
+            rep[name] = time.perf_counter() - start
             del result
-    return seconds
+        after, wall = others_cpu_seconds(), time.perf_counter() - start_rep
+        busy = None if before is None or after is None else (after - before) / (wall * (os.cpu_count() or 1))
+        if busy is not None and busy > busy_limit and disturbed < reps:
+            disturbed += 1
+            continue
+        kept += 1
+        for name, value in rep.items():
+            seconds[name].append(value)
+    return Timings(seconds, disturbed)
 
 
 def write_result(out: str | Path, last_resid_post: torch.Tensor, **fields) -> None:

@@ -46,7 +46,7 @@ def main() -> None:
         assert len(names) == 30 and len({t.data_ptr() for t in cache.values()}) == 30, sorted(cache.keys())
         assert all(tuple(t.shape) == tuple(ids.shape) + (bridge.cfg.d_model,) for t in captured)
         logit_diff = float((logits - plain()).abs().max())
-        seconds = side_by_side({"plain": plain, "plain_eager": plain_eager, "capture": capture}, args.reps, args.warmup)
+        timings = side_by_side({"plain": plain, "plain_eager": plain_eager, "capture": capture}, args.reps, args.warmup)
 
     write_result(
         args.out,
@@ -60,7 +60,8 @@ def main() -> None:
         logits_max_abs_diff_vs_hf=logit_diff,
         hf_attn_implementation=hf.config._attn_implementation,
         bridge_attn_implementation=bridge.original_model.config._attn_implementation,
-        seconds=seconds,
+        seconds=timings.seconds,
+        disturbed_reps=timings.disturbed,
     )
 
 
