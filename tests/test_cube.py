@@ -155,51 +155,65 @@ def _files(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_capture_killed_with_sigkill_resumes_bit_identical(tmp_path):
-    folder = tmp_path / "tiny"
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tiny model folder, 800 prompts, and the cube of an uninterrupted capture of them."""
+    root = tmp_path_factory.mktemp("corpus")
+    folder = root / "tiny"
     m = tiny_model("llama")
     m.hf.save_pretrained(folder)
     m.tokenizer.save_pretrained(folder)
-    prompts_file = tmp_path / "prompts.txt"
+    prompts_file = root / "prompts.txt"
     rng = np.random.default_rng(0)
     prompts_file.write_text(
         "\n".join("".join(rng.choice(list("abcdefgh ,."), size=rng.integers(3, 30))) for _ in range(800))
     )
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-    killed = tmp_path / "killed.zarr"
-    process = subprocess.Popen(
-        _capture_command(folder, prompts_file, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    straight = root / "straight.zarr"
+    subprocess.run(_capture_command(folder, prompts_file, straight), env=_ENV, check=True, capture_output=True)
+    return folder, prompts_file, straight
+
+
+_ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def _interrupt_mid_capture(command, out: Path, sig: int) -> subprocess.Popen:
+    process = subprocess.Popen(command, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    progress = 0
     while time.time() < deadline and process.poll() is None:
         try:
-            meta = json.loads((killed / "zarr.json").read_text())["attributes"]["modelrecon_cube"]
-            progress = meta["progress"]["tokens_written"]
+            meta = json.loads((out / "zarr.json").read_text())["attributes"]["modelrecon_cube"]
+            if meta["progress"]["tokens_written"] > 0:
+                break
         except (OSError, ValueError, KeyError):
-            progress = 0
-        if progress > 0:
-            break
+            pass
         time.sleep(0.02)
     time.sleep(0.3)
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(sig)
     process.wait()
-    meta = json.loads((killed / "zarr.json").read_text())["attributes"]["modelrecon_cube"]
-    assert meta["status"] == "capturing", "the capture finished before it could be killed"
+    return process
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_interrupted_capture_resumes_bit_identical(corpus, tmp_path, sig):
+    folder, prompts_file, straight = corpus
+    out = tmp_path / "interrupted.zarr"
+    process = _interrupt_mid_capture(_capture_command(folder, prompts_file, out), out, sig)
+    if sig == signal.SIGINT:  # Ctrl-C: a clean exit that says how to resume
+        assert process.returncode == 130 and "re-run the same command to resume" in process.stderr.read()
+    meta = json.loads((out / "zarr.json").read_text())["attributes"]["modelrecon_cube"]
+    assert meta["status"] == "capturing", "the capture finished before it could be interrupted"
     total = meta["capture"]["n_tokens"]
     assert 0 < meta["progress"]["tokens_written"] < total
     with pytest.raises(CubeError, match="is not finished"):
-        mr.open_cube(killed)
-    partial = mr.open_cube(killed, allow_partial=True)
+        mr.open_cube(out)
+    partial = mr.open_cube(out, allow_partial=True)
     assert partial.get("resid_post", prompt=0).shape[1] == 3
 
-    subprocess.run(_capture_command(folder, prompts_file, killed), env=env, check=True, capture_output=True)
-    straight = tmp_path / "straight.zarr"
-    subprocess.run(_capture_command(folder, prompts_file, straight), env=env, check=True, capture_output=True)
-    killed_files, straight_files = _files(killed), _files(straight)
-    assert killed_files.keys() == straight_files.keys()
-    assert all(killed_files[name] == straight_files[name] for name in killed_files)
-    resumed = mr.open_cube(killed)
+    subprocess.run(_capture_command(folder, prompts_file, out), env=_ENV, check=True, capture_output=True)
+    resumed_files, straight_files = _files(out), _files(straight)
+    assert resumed_files.keys() == straight_files.keys()
+    assert all(resumed_files[name] == straight_files[name] for name in resumed_files)
+    resumed = mr.open_cube(out)
     assert resumed.metadata["status"] == "complete" and resumed.n_tokens == total
     assert np.array_equal(resumed.get("resid_post"), mr.open_cube(straight).get("resid_post"))
 
