@@ -6,8 +6,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import modelrecon  # noqa: E402
+from modelrecon.cli import main  # noqa: E402
 
-from tiny import FAMILIES, tiny_model  # noqa: E402
+from tiny import FAMILIES, save_tiny_model, tiny_model  # noqa: E402
 
 PROMPTS = ["Hello there, world!", "Hi", "The quick brown fox jumps"]
 
@@ -21,3 +22,29 @@ def family_model(request):
 def smollm2():
     """The real embedded default model; the Makefile installs its package."""
     return modelrecon.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_folder(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+def cli(capsys, *argv):
+    """Run the `modelrecon` entry point in-process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

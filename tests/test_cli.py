@@ -4,47 +4,22 @@ import os
 
 import pytest
 
-from modelrecon.cli import main
 from modelrecon.models import embedded
 from modelrecon.models.embedded import EmbeddedModel
 
-from tiny import tiny_model
+from conftest import assert_one_line_error, cli
 
 
-def cli(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    m = tiny_model("gpt2")
-    m.hf.save_pretrained(folder)
-    m.tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def test_sites_lists_names_and_shapes(capsys, tiny_folder):
-    code, out, _ = cli(capsys, "sites", "--model", tiny_folder, "layers.1.*")
+def test_sites_lists_names_and_shapes(capsys, tiny_gpt2_folder):
+    code, out, _ = cli(capsys, "sites", "--model", tiny_gpt2_folder, "layers.1.*")
     assert code == 0
     assert "layers.1.attn.heads" in out and "[batch, pos, 4, 8]" in out
     assert "layers.1.mlp.neurons" in out and "[batch, pos, 48]" in out
     assert "layers.0." not in out and "logits" not in out
 
 
-def test_run_prints_top_k(capsys, tiny_folder):
-    code, out, _ = cli(capsys, "run", "hello", "--model", tiny_folder, "--top", "3")
+def test_run_prints_top_k(capsys, tiny_gpt2_folder):
+    code, out, _ = cli(capsys, "run", "hello", "--model", tiny_gpt2_folder, "--top", "3")
     assert code == 0
     assert "3" in out and "4" not in [line.split()[1] for line in out.splitlines() if line.startswith("│ ")]
 
@@ -88,12 +63,12 @@ def test_truncated_real_gguf(capsys, tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "models").iterdir()) == []
 
 
-def test_unknown_site(capsys, tiny_folder):
-    code, _, err = cli(capsys, "sites", "--model", tiny_folder, "layers.1.resid_psot")
+def test_unknown_site(capsys, tiny_gpt2_folder):
+    code, _, err = cli(capsys, "sites", "--model", tiny_gpt2_folder, "layers.1.resid_psot")
     assert_one_line_error(code, err, "unknown site 'layers.1.resid_psot'", "did you mean layers.1.resid_post")
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])
-def test_empty_prompt(capsys, prompt, tiny_folder):
-    code, _, err = cli(capsys, "run", prompt, "--model", tiny_folder)
+def test_empty_prompt(capsys, prompt, tiny_gpt2_folder):
+    code, _, err = cli(capsys, "run", prompt, "--model", tiny_gpt2_folder)
     assert_one_line_error(code, err, "empty prompt")

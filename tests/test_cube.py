@@ -14,13 +14,13 @@ import torch
 import zarr
 
 import modelrecon as mr
-from modelrecon.cli import main
 from modelrecon.cube import layout
 from modelrecon.cube.export import export_cube, import_activity_cube, to_activity_cube
 from modelrecon.cube.html import view_data, write_html
 from modelrecon.errors import BadInputError, CubeError
 
-from tiny import tiny_model
+from conftest import assert_one_line_error, cli
+from tiny import save_tiny_model, tiny_model
 
 PROMPTS = ["Hello there, world!", "Hi", "The quick brown fox jumps", "abc def", "x"]
 SITES = ["embed", "layers.*.resid_post", "layers.1.mlp.neurons", "layers.*.attn.heads", "logits"]
@@ -159,10 +159,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def corpus(tmp_path_factory):
     """A tiny model folder, 800 prompts, and the cube of an uninterrupted capture of them."""
     root = tmp_path_factory.mktemp("corpus")
-    folder = root / "tiny"
-    m = tiny_model("llama")
-    m.hf.save_pretrained(folder)
-    m.tokenizer.save_pretrained(folder)
+    folder = save_tiny_model(root / "tiny", "llama")
     prompts_file = root / "prompts.txt"
     rng = np.random.default_rng(0)
     prompts_file.write_text(
@@ -317,34 +314,13 @@ def test_parquet_prompts(tmp_path):
 
 
 # --- bad input through the CLI: one line, exit 2, no cube that looks finished ---------------------------------------
-def cli(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
-
-
-def one_line_error(code, err, fragment):
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    m = tiny_model("llama")
-    m.hf.save_pretrained(folder)
-    m.tokenizer.save_pretrained(folder)
-    return folder
-
-
-def test_cli_capture_info_show_export(capsys, tmp_path, tiny_folder):
+def test_cli_capture_info_show_export(capsys, tmp_path, tiny_llama_folder):
     out = tmp_path / "c.zarr"
     code, stdout, _ = cli(
         capsys,
         "capture",
         "--model",
-        tiny_folder,
+        tiny_llama_folder,
         "--text",
         "hello world",
         "--text",
@@ -368,47 +344,61 @@ def test_cli_capture_info_show_export(capsys, tmp_path, tiny_folder):
     assert code == 0 and "11 tokens, 3 layers" in stdout
 
 
-def test_cli_bad_cubes(capsys, tmp_path, tiny_folder):
-    one_line_error(*cli(capsys, "cube", "info", tmp_path / "missing.zarr")[::2], "no cube at")
+def test_cli_bad_cubes(capsys, tmp_path, tiny_llama_folder):
+    assert_one_line_error(*cli(capsys, "cube", "info", tmp_path / "missing.zarr")[::2], "no cube at")
     (tmp_path / "corrupt.zarr").mkdir()
     (tmp_path / "corrupt.zarr" / "zarr.json").write_text("{not json")
-    one_line_error(*cli(capsys, "cube", "info", tmp_path / "corrupt.zarr")[::2], "missing or corrupt zarr.json")
+    assert_one_line_error(*cli(capsys, "cube", "info", tmp_path / "corrupt.zarr")[::2], "missing or corrupt zarr.json")
     out = tmp_path / "c.zarr"
-    cli(capsys, "capture", "--model", tiny_folder, "--text", "hello", "--out", out)
+    cli(capsys, "capture", "--model", tiny_llama_folder, "--text", "hello", "--out", out)
     meta_file = out / "zarr.json"
     meta = json.loads(meta_file.read_text())
     meta["attributes"]["modelrecon_cube"]["schema_version"] = 99
     (tmp_path / "future.zarr").mkdir()
     (tmp_path / "future.zarr" / "zarr.json").write_text(json.dumps(meta))
-    one_line_error(*cli(capsys, "cube", "info", tmp_path / "future.zarr")[::2], "schema version 99")
-    one_line_error(
+    assert_one_line_error(*cli(capsys, "cube", "info", tmp_path / "future.zarr")[::2], "schema version 99")
+    assert_one_line_error(
         *cli(capsys, "cube", "show", out, "--site", "mlp.out", "--html", tmp_path / "v.html")[::2],
         "site kind 'mlp.out' was not captured",
     )
     assert not (tmp_path / "v.html").exists()
 
 
-def test_cli_bad_capture_input(capsys, tmp_path, tiny_folder):
+def test_cli_bad_capture_input(capsys, tmp_path, tiny_llama_folder):
     (tmp_path / "p.csv").write_text("a,b\n")
-    one_line_error(
-        *cli(capsys, "capture", "--model", tiny_folder, "--prompts", tmp_path / "p.csv", "--out", tmp_path / "c.zarr")[
-            ::2
-        ],
-        "unknown format '.csv'",
-    )
-    (tmp_path / "p.jsonl").write_text('{"txt": "a"}\n')
-    one_line_error(
-        *cli(
-            capsys, "capture", "--model", tiny_folder, "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "c.zarr"
-        )[::2],
-        'has no string "text" field',
-    )
-    one_line_error(
+    assert_one_line_error(
         *cli(
             capsys,
             "capture",
             "--model",
-            tiny_folder,
+            tiny_llama_folder,
+            "--prompts",
+            tmp_path / "p.csv",
+            "--out",
+            tmp_path / "c.zarr",
+        )[::2],
+        "unknown format '.csv'",
+    )
+    (tmp_path / "p.jsonl").write_text('{"txt": "a"}\n')
+    assert_one_line_error(
+        *cli(
+            capsys,
+            "capture",
+            "--model",
+            tiny_llama_folder,
+            "--prompts",
+            tmp_path / "p.jsonl",
+            "--out",
+            tmp_path / "c.zarr",
+        )[::2],
+        'has no string "text" field',
+    )
+    assert_one_line_error(
+        *cli(
+            capsys,
+            "capture",
+            "--model",
+            tiny_llama_folder,
             "--text",
             "a",
             "--sites",
@@ -420,7 +410,7 @@ def test_cli_bad_capture_input(capsys, tmp_path, tiny_folder):
     )
     assert not (tmp_path / "c.zarr").exists()
     target = Path("/sys/modelrecon-test.zarr")  # a read-only place, even for root
-    code, _, err = cli(capsys, "capture", "--model", tiny_folder, "--text", "a", "--out", target)
+    code, _, err = cli(capsys, "capture", "--model", tiny_llama_folder, "--text", "a", "--out", target)
     if target.exists():
         pytest.skip("/sys is writable here")
-    one_line_error(code, err, "cannot write a cube")
+    assert_one_line_error(code, err, "cannot write a cube")

@@ -4,11 +4,10 @@ import pytest
 import torch
 
 import modelrecon as mr
-from modelrecon.cli import main  # noqa: F401  (cli() drives it)
 from modelrecon.models import loading
 from modelrecon.models.embedded import EMBEDDED
 
-from test_cli import cli
+from conftest import cli
 
 pytestmark = pytest.mark.real_model
 

@@ -80,3 +80,11 @@ def tiny_hf(family: str, seed: int = 0, **overrides):
 
 def tiny_model(family: str, seed: int = 0, **overrides) -> Model:
     return Model(tiny_hf(family, seed, **overrides), char_tokenizer(), name=f"tiny-{family}")
+
+
+def save_tiny_model(folder, family: str, seed: int = 0):
+    """Write a tiny model and its tokenizer as a Hugging Face folder (what `modelrecon --model FOLDER` loads)."""
+    model = tiny_model(family, seed)
+    model.hf.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    return folder
