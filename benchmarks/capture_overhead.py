@@ -234,6 +234,9 @@ def run_peer(tool: str, model_dir: Path, tokens_file: Path, work: Path, args, re
         f"vs modelrecon: relative error {rel:.1e}, max |diff| {diff:.1e} (values up to {scale:.0f}); worst relative "
         f"norm difference over the 30 layers {norm_rel:.1e} -> {'SAME' if same else 'DIFFERENT'}"
     )
+    if "logits_max_abs_diff_vs_hf" in result:
+        logits_diff = result["logits_max_abs_diff_vs_hf"]
+        print(f"[{tool}] its logits vs the plain HF forward (sdpa) in its venv: max |diff| {logits_diff:.1e}")
     if not same:
         print(f"[{tool}] WARNING: its captured tensors differ from modelrecon's; its timing is not comparable")
     label = f"{tool} {result['versions'][result['tool_package']]}"
