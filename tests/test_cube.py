@@ -85,7 +85,7 @@ def test_slices_xarray_and_top_examples(model, tmp_path):
 
 
 def test_summaries_are_nan_safe_for_one_unit():
-    stats = layout.summarise(np.array([[[3.0]], [[-2.0]]], dtype=np.float32))
+    stats = layout.summarise(torch.tensor([[[3.0]], [[-2.0]]])).numpy()
     assert not np.isnan(stats).any()
     assert stats[:, 0, layout.STATS.index("std")].tolist() == [0.0, 0.0]
     assert stats[:, 0, layout.STATS.index("norm")].tolist() == [3.0, 2.0]

@@ -33,7 +33,7 @@ from modelrecon.hooks.trace import hooked
 from modelrecon.models.model import Model
 from modelrecon.progress import token_progress
 
-_DTYPES = {"float16": np.float16, "float32": np.float32}
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -167,7 +167,7 @@ def _create(path: Path, model: Model, plan: _Plan, meta: dict) -> None:
     try:
         group = zarr.open_group(staging, mode="w", zarr_format=3)
         n_tokens, chunk = int(plan.offsets[-1]), plan.settings["chunk_tokens"]
-        dtype = _DTYPES[plan.settings["dtype"]]
+        dtype = plan.settings["dtype"]  # zarr takes the name
         for kind, layers in plan.kinds.items():
             n_units, unit_shape = _units(model, kind)
             values = group.create_array(
@@ -186,7 +186,7 @@ def _create(path: Path, model: Model, plan: _Plan, meta: dict) -> None:
                 fill_value=np.nan,
             )
             summaries.attrs.update({"stats": list(layout.STATS), "layers": layers})
-        texts = [model.tokenizer.decode([t]) for ids in plan.token_ids for t in ids]
+        texts = model.tokenizer.batch_decode([[t] for ids in plan.token_ids for t in ids])
         token_ids = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in plan.token_ids])
         prompt_index = np.repeat(np.arange(len(plan.token_ids), dtype=np.int32), [len(t) for t in plan.token_ids])
         position = np.concatenate([np.arange(len(ids), dtype=np.int32) for ids in plan.token_ids])
@@ -229,15 +229,15 @@ class _Writer:
             self.jobs.task_done()
 
     def put(self, job: Callable[[], None]) -> None:
-        self._check()
+        self.check()
         self.jobs.put(job)
 
     def close(self) -> None:
         self.jobs.put(None)
         self.thread.join()
-        self._check()
+        self.check()
 
-    def _check(self) -> None:
+    def check(self) -> None:
         if self.error is not None:
             error, self.error = self.error, None
             if isinstance(error, OSError):
@@ -295,6 +295,35 @@ def capture(
     return Cube(path)
 
 
+class _ChunkBuffers:
+    """Chunk-sized buffers for every site kind, reused so large arrays are not re-allocated for every chunk.
+
+    A buffer set is filled token by token; when full (or at the end) it goes to the writer, which hands it back to
+    the pool after writing. Three sets suffice: one filling, one queued, one being written.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], chunk: int, dtype, n_stats: int, n_sets: int = 3) -> None:
+        self.chunk = chunk
+        self.pool: queue.Queue = queue.Queue()
+        for _ in range(n_sets):  # torch tensors: torch casts to fp16 vectorised and multi-threaded, numpy does not
+            self.pool.put(
+                {
+                    kind: (torch.empty((chunk, *shape), dtype=dtype), torch.empty((chunk, shape[0], n_stats)))
+                    for kind, shape in shapes.items()
+                }
+            )
+
+    def take(self, writer: _Writer) -> dict:
+        while True:  # a failed writer never hands buffers back: surface its error instead of waiting forever
+            try:
+                return self.pool.get(timeout=0.1)
+            except queue.Empty:
+                writer.check()
+
+    def give_back(self, buffers: dict) -> None:
+        self.pool.put(buffers)
+
+
 def _stream(model: Model, plan: _Plan, path: Path, show_progress: bool) -> None:
     for leftover in path.rglob("*.partial"):  # temporary files of writes a killed run did not finish
         leftover.unlink()
@@ -303,70 +332,83 @@ def _stream(model: Model, plan: _Plan, path: Path, show_progress: bool) -> None:
     offsets, chunk = plan.offsets, plan.settings["chunk_tokens"]
     n_tokens, batch_size = int(offsets[-1]), plan.settings["batch_size"]
     written = int(meta["progress"]["tokens_written"])
-    dtype = _DTYPES[plan.settings["dtype"]]
     arrays = {kind: (group[f"sites/{kind}"], group[f"summaries/{kind}"]) for kind in plan.kinds}
+    dtype = _DTYPES[plan.settings["dtype"]]
+    pool = _ChunkBuffers(
+        {kind: values.shape[1:] for kind, (values, _) in arrays.items()}, chunk, dtype, len(layout.STATS)
+    )
     need_logits = "logits" in plan.kinds
     record = plan.site_names + [f"layers.{i}.attn.pattern" for i in plan.pattern_layers]
+    site_lists = {
+        kind: [kind if layer is None else f"layers.{layer}.{kind}" for layer in layers]
+        for kind, layers in plan.kinds.items()
+    }
     # Resume at the batch holding the first unwritten token; batches are fixed by prompt order and batch size.
-    first_batch = (
-        int(np.searchsorted(offsets[batch_size::batch_size], written, side="right")) if written < n_tokens else None
-    )
-    buffer: dict[str, list[np.ndarray]] = {kind: [] for kind in plan.kinds}
-    summary_buffer: dict[str, list[np.ndarray]] = {kind: [] for kind in plan.kinds}
-    buffered_from = written  # token index of buffer[...][0][0]
+    first_batch = int(np.searchsorted(offsets[batch_size::batch_size], written, side="right"))
     writer = _Writer()
+    buffers, chunk_start, filled = pool.take(writer), written, 0  # chunk_start is chunk-aligned (or the end)
 
-    def write_block(start: int, stop: int, blocks: dict, summary_blocks: dict, final: bool) -> None:
+    def send(final: bool) -> None:
+        nonlocal buffers, chunk_start, filled
+        full, start, stop = buffers, chunk_start, chunk_start + filled
+
         def job() -> None:
-            for kind, (values, summaries) in arrays.items():
-                if stop > start:
-                    values[start:stop] = blocks[kind]
-                    summaries[start:stop] = summary_blocks[kind]
+            try:
+                for kind, (values, summaries) in arrays.items():
+                    if stop > start:
+                        values[start:stop] = full[kind][0][: stop - start].numpy()
+                        summaries[start:stop] = full[kind][1][: stop - start].numpy()
+            finally:
+                pool.give_back(full)
             meta["progress"] = {"tokens_written": stop}
             if final:
                 meta["status"] = layout.STATUS_COMPLETE
             group.attrs[layout.ATTRS_KEY] = meta
 
         writer.put(job)
+        if not final:
+            buffers, chunk_start, filled = pool.take(writer), stop, 0
 
-    def flush(final: bool) -> None:
-        nonlocal buffered_from
-        available = sum(len(b) for b in buffer[next(iter(buffer))])
-        size = available if final else (available // chunk) * chunk
-        if size == 0 and not final:
-            return
-        blocks, summary_blocks = {}, {}
-        for kind in plan.kinds:
-            joined, joined_summary = np.concatenate(buffer[kind]), np.concatenate(summary_buffer[kind])
-            blocks[kind], buffer[kind] = joined[:size], [joined[size:]]
-            summary_blocks[kind], summary_buffer[kind] = joined_summary[:size], [joined_summary[size:]]
-        write_block(buffered_from, buffered_from + size, blocks, summary_blocks, final)
-        buffered_from += size
+    def add(kind_values: dict[str, torch.Tensor]) -> None:
+        """Append one prompt's tokens ([tokens, layers, units] fp32 per kind), sending chunks as they fill."""
+        nonlocal filled
+        n, done = next(iter(kind_values.values())).shape[0], 0
+        while done < n:
+            take = min(n - done, chunk - filled)
+            for kind, values in kind_values.items():
+                part = values[done : done + take]
+                buffers[kind][0][filled : filled + take] = part  # cast to the cube's dtype on assignment
+                buffers[kind][1][filled : filled + take] = layout.summarise(part)
+            filled += take
+            done += take
+            if filled == chunk:
+                send(final=False)
 
     try:
         with token_progress(n_tokens, written, enabled=show_progress) as advance:
-            if first_batch is not None:
-                for start in range(first_batch * batch_size, len(plan.token_ids), batch_size):
-                    prompt_ids = list(range(start, min(start + batch_size, len(plan.token_ids))))
-                    batch = model.batch_from_ids([plan.token_ids[i] for i in prompt_ids], plan.settings["padding_side"])
-                    with torch.inference_mode(), hooked(model, batch, record=record, dtype=torch.float32) as trace:
-                        model.forward(batch, logits=need_logits)
+            for start in range(first_batch * batch_size, len(plan.token_ids), batch_size):
+                prompt_ids = list(range(start, min(start + batch_size, len(plan.token_ids))))
+                batch = model.batch_from_ids([plan.token_ids[i] for i in prompt_ids], plan.settings["padding_side"])
+                with torch.inference_mode(), hooked(model, batch, record=record, dtype=torch.float32) as trace:
+                    model.forward(batch, logits=need_logits)
                     for j, prompt in enumerate(prompt_ids):
-                        skip = max(0, written - int(offsets[prompt]))  # tokens already on disk (first resumed batch)
-                        for kind, layers in plan.kinds.items():
-                            names = [kind if layer is None else f"layers.{layer}.{kind}" for layer in layers]
-                            values = np.stack([trace.acts[n][j].flatten(1).numpy() for n in names], axis=1)[skip:]
-                            buffer[kind].append(values.astype(dtype))
-                            summary_buffer[kind].append(layout.summarise(values))
+                        skip = max(0, written - int(offsets[prompt]))  # tokens already on disk (resumed batch)
+                        if skip < len(plan.token_ids[prompt]):
+                            add(
+                                {
+                                    kind: torch.stack([trace.acts[n][j].flatten(1) for n in names], dim=1)[skip:]
+                                    for kind, names in site_lists.items()
+                                }
+                            )
                         if plan.pattern_layers:
-                            patterns = np.stack(
-                                [trace.acts[f"layers.{i}.attn.pattern"][j].numpy() for i in plan.pattern_layers]
-                            ).astype(dtype)
+                            patterns = (
+                                torch.stack([trace.acts[f"layers.{i}.attn.pattern"][j] for i in plan.pattern_layers])
+                                .numpy()
+                                .astype(dtype)
+                            )
                             writer.put(lambda p=prompt, a=patterns: _write_pattern(group, p, a))
-                    advance(int(offsets[prompt_ids[-1] + 1]) - max(written, int(offsets[prompt_ids[0]])))
-                    if prompt_ids[-1] + 1 < len(plan.token_ids):
-                        flush(final=False)
-            flush(final=True)
+                advance(int(offsets[prompt_ids[-1] + 1]) - max(written, int(offsets[prompt_ids[0]])))
+            send(final=True)
             writer.close()
     except BaseException:
         # Let already queued writes finish: the progress they record stays true, and the cube resumes from there.

@@ -15,6 +15,7 @@ A cube is a Zarr v3 group:
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 SCHEMA = "modelrecon.cube"
 SCHEMA_VERSION = 1
@@ -32,19 +33,23 @@ def site_kind_of(site_name: str) -> tuple[str, int | None]:
     return site_name, None
 
 
-def summarise(values: np.ndarray) -> np.ndarray:
-    """[tokens, layers, units] -> [tokens, layers, 5] in STATS order; std is the population std (0 for one unit)."""
-    values = values.astype(np.float32, copy=False)
-    return np.stack(
+def summarise(values: torch.Tensor) -> torch.Tensor:
+    """[tokens, layers, units] -> float32 [tokens, layers, 5] in STATS order, reduced over units.
+
+    std is the population std, so a single unit gives 0, never NaN.
+    """
+    values = values.float()
+    var, mean = torch.var_mean(values, dim=-1, correction=0)  # one pass for both
+    return torch.stack(
         [
-            np.sqrt(np.square(values).sum(-1)),
-            values.mean(-1),
-            values.std(-1),
-            values.max(-1),
-            (values > 0).mean(-1, dtype=np.float32),
+            torch.linalg.vector_norm(values, dim=-1),
+            mean,
+            var.sqrt(),
+            values.amax(-1),
+            (values > 0).sum(-1, dtype=torch.float32) / values.shape[-1],
         ],
-        axis=-1,
-    ).astype(np.float32)
+        dim=-1,
+    )
 
 
 def encode_strings(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
