@@ -84,6 +84,14 @@ def test_slices_xarray_and_top_examples(model, tmp_path):
     assert f"[[{top[0].token}]]" in top[0].context
 
 
+def test_notebook_overview_names_sites_and_prompt(model, tmp_path):
+    cube = mr.capture(model, PROMPTS, tmp_path / "c.zarr", sites=SITES, progress=False)
+    page = cube._repr_html_()
+    assert "5 prompts" in page and f"{cube.n_tokens} tokens" in page
+    assert "resid_post" in page and f"{cube.n_tokens} × 3 × 32" in page and "0-2" in page
+    assert "Hello there, world!" in page
+
+
 def test_summaries_are_nan_safe_for_one_unit():
     stats = layout.summarise(torch.tensor([[[3.0]], [[-2.0]]])).numpy()
     assert not np.isnan(stats).any()
