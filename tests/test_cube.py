@@ -372,51 +372,25 @@ def test_cli_bad_cubes(capsys, tmp_path, tiny_llama_folder):
     assert not (tmp_path / "v.html").exists()
 
 
-def test_cli_bad_capture_input(capsys, tmp_path, tiny_llama_folder):
-    (tmp_path / "p.csv").write_text("a,b\n")
-    assert_one_line_error(
-        *cli(
-            capsys,
-            "capture",
-            "--model",
-            tiny_llama_folder,
-            "--prompts",
-            tmp_path / "p.csv",
-            "--out",
-            tmp_path / "c.zarr",
-        )[::2],
-        "unknown format '.csv'",
-    )
-    (tmp_path / "p.jsonl").write_text('{"txt": "a"}\n')
-    assert_one_line_error(
-        *cli(
-            capsys,
-            "capture",
-            "--model",
-            tiny_llama_folder,
-            "--prompts",
-            tmp_path / "p.jsonl",
-            "--out",
-            tmp_path / "c.zarr",
-        )[::2],
-        'has no string "text" field',
-    )
-    assert_one_line_error(
-        *cli(
-            capsys,
-            "capture",
-            "--model",
-            tiny_llama_folder,
-            "--text",
-            "a",
-            "--sites",
-            "layers.9.resid_post",
-            "--out",
-            tmp_path / "c.zarr",
-        )[::2],
-        "unknown site",
-    )
+@pytest.mark.parametrize(
+    "file_name,content,args,fragment",
+    [
+        ("p.csv", "a,b\n", ["--prompts", "{file}"], "unknown format '.csv'"),
+        ("p.jsonl", '{"txt": "a"}\n', ["--prompts", "{file}"], 'has no string "text" field'),
+        (None, None, ["--text", "a", "--sites", "layers.9.resid_post"], "unknown site"),
+    ],
+    ids=["unknown-format", "jsonl-without-text", "unknown-site"],
+)
+def test_cli_bad_capture_input(capsys, tmp_path, tiny_llama_folder, file_name, content, args, fragment):
+    if file_name:
+        (tmp_path / file_name).write_text(content)
+    args = [a.format(file=tmp_path / (file_name or "")) for a in args]
+    code, _, err = cli(capsys, "capture", "--model", tiny_llama_folder, *args, "--out", tmp_path / "c.zarr")
+    assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_cli_capture_to_a_read_only_place(capsys, tiny_llama_folder):
     target = Path("/sys/modelrecon-test.zarr")  # a read-only place, even for root
     code, _, err = cli(capsys, "capture", "--model", tiny_llama_folder, "--text", "a", "--out", target)
     if target.exists():
