@@ -403,8 +403,8 @@ def _stream(model: Model, plan: _Plan, path: Path, show_progress: bool) -> None:
                         if plan.pattern_layers:
                             patterns = (
                                 torch.stack([trace.acts[f"layers.{i}.attn.pattern"][j] for i in plan.pattern_layers])
+                                .to(dtype)
                                 .numpy()
-                                .astype(dtype)
                             )
                             writer.put(lambda p=prompt, a=patterns: _write_pattern(group, p, a))
                 advance(int(offsets[prompt_ids[-1] + 1]) - max(written, int(offsets[prompt_ids[0]])))
