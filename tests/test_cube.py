@@ -64,6 +64,9 @@ def test_values_read_back_equal_the_hooks(model, tmp_path, dtype):
     np.testing.assert_allclose(
         cube.summaries("resid_post", "frac_active", prompt=2), (full > 0).float().mean(-1), rtol=1e-6
     )
+    std = full.double().std(-1, correction=0).float().numpy()
+    np.testing.assert_allclose(cube.summaries("resid_post", "std", prompt=2), std, rtol=1e-4)
+    np.testing.assert_allclose(cube.summaries("resid_post", "max", prompt=2), full.amax(-1).numpy())
 
 
 def test_slices_xarray_and_top_examples(model, tmp_path):
