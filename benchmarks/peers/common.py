@@ -93,6 +93,27 @@ def side_by_side(
     return Timings(seconds, disturbed)
 
 
+def write_peer_result(
+    out: str | Path, captured: list[torch.Tensor], tool_package: str, timings: Timings, **fields
+) -> None:
+    """write_result with what every peer reports: versions, threads, what it captured, the timings."""
+    from importlib.metadata import version
+
+    write_result(
+        out,
+        captured[-1],
+        tool_package=tool_package,
+        versions={p: version(p) for p in (tool_package, "transformers", "torch")},
+        threads=torch.get_num_threads(),
+        n_captured=len(captured),
+        shape=list(captured[0].shape),
+        norms=[float(t.double().norm()) for t in captured],
+        seconds=timings.seconds,
+        disturbed_reps=timings.disturbed,
+        **fields,
+    )
+
+
 def write_result(out: str | Path, last_resid_post: torch.Tensor, **fields) -> None:
     """result.json with the timings and facts; last_resid_post.pt `[batch, pos, d_model]` for the equality check."""
     out = Path(out)

@@ -7,10 +7,8 @@ directly on the same input_ids and attention_mask.
 
 from __future__ import annotations
 
-from importlib.metadata import version
-
 import torch
-from common import peer_args, read_tokens, side_by_side, write_result
+from common import peer_args, read_tokens, side_by_side, write_peer_result
 from nnsight import LanguageModel
 
 
@@ -40,18 +38,12 @@ def main() -> None:
         assert all(tuple(t.shape) == tuple(ids.shape) + (hf.config.hidden_size,) for t in captured)
         timings = side_by_side({"plain": plain, "capture": capture}, args.reps, args.warmup)
 
-    write_result(
+    write_peer_result(
         args.out,
-        captured[-1],
+        captured,
         tool_package="nnsight",
-        versions={p: version(p) for p in ("nnsight", "transformers", "torch")},
-        threads=torch.get_num_threads(),
-        n_captured=len(captured),
-        shape=list(captured[0].shape),
-        norms=[float(t.double().norm()) for t in captured],
+        timings=timings,
         hf_attn_implementation=hf.config._attn_implementation,
-        seconds=timings.seconds,
-        disturbed_reps=timings.disturbed,
     )
 
 

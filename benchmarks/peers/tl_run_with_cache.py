@@ -8,10 +8,8 @@ eager attention is timed too, in the same alternating loop.
 
 from __future__ import annotations
 
-from importlib.metadata import version
-
 import torch
-from common import peer_args, read_tokens, side_by_side, write_result
+from common import peer_args, read_tokens, side_by_side, write_peer_result
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM
 
@@ -48,20 +46,14 @@ def main() -> None:
         logit_diff = float((logits - plain()).abs().max())
         timings = side_by_side({"plain": plain, "plain_eager": plain_eager, "capture": capture}, args.reps, args.warmup)
 
-    write_result(
+    write_peer_result(
         args.out,
-        captured[-1],
+        captured,
         tool_package="transformer-lens",
-        versions={p: version(p) for p in ("transformer-lens", "transformers", "torch")},
-        threads=torch.get_num_threads(),
-        n_captured=len(captured),
-        shape=list(captured[0].shape),
-        norms=[float(t.double().norm()) for t in captured],
+        timings=timings,
         logits_max_abs_diff_vs_hf=logit_diff,
         hf_attn_implementation=hf.config._attn_implementation,
         bridge_attn_implementation=bridge.original_model.config._attn_implementation,
-        seconds=timings.seconds,
-        disturbed_reps=timings.disturbed,
     )
 
 
