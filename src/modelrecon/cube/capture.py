@@ -303,7 +303,6 @@ class _ChunkBuffers:
     """
 
     def __init__(self, shapes: dict[str, tuple[int, int]], chunk: int, dtype, n_stats: int, n_sets: int = 3) -> None:
-        self.chunk = chunk
         self.pool: queue.Queue = queue.Queue()
         for _ in range(n_sets):  # torch tensors: torch casts to fp16 vectorised and multi-threaded, numpy does not
             self.pool.put(
