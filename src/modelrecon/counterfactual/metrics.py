@@ -1,0 +1,75 @@
+"""Metrics of a run's next-token prediction: what an intervention's effect is measured in.
+
+Every metric takes the last-position logits of one prompt (`[vocab]`) and returns a float tensor (a scalar), so it can
+also be differentiated (`run(grad_of=...)`). Answers are token-id lists: a multi-token answer is scored by the sum of
+its token log-probabilities where that is well defined (`answer_logprob` on a full run), and rejected with a clear
+error by the metrics that need a single token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from modelrecon.errors import BadInputError
+from modelrecon.models.model import Model
+
+
+def answer_tokens(model: Model, answer: str) -> list[int]:
+    """Token ids of an answer as it continues a prompt (include its leading space, e.g. " Paris")."""
+    ids = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise BadInputError(f"answer {answer!r} gives no tokens")
+    return list(ids)
+
+
+def single_token(model: Model, answer: str) -> int:
+    ids = answer_tokens(model, answer)
+    if len(ids) != 1:
+        pieces = model.str_tokens(ids)
+        raise BadInputError(
+            f"answer {answer!r} is {len(ids)} tokens {pieces}; this metric needs a single-token answer "
+            "(use answer_logprob on the prompt + answer for multi-token answers)"
+        )
+    return ids[0]
+
+
+def logit_diff(logits: torch.Tensor, answer: int, wrong: int) -> torch.Tensor:
+    return logits[answer] - logits[wrong]
+
+
+def prob(logits: torch.Tensor, answer: int) -> torch.Tensor:
+    return torch.softmax(logits.float(), dim=-1)[answer]
+
+
+def logprob(logits: torch.Tensor, answer: int) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)[answer]
+
+
+def rank(logits: torch.Tensor, answer: int) -> torch.Tensor:
+    """0 when the answer is the top prediction."""
+    return (logits > logits[answer]).sum()
+
+
+def top1(logits: torch.Tensor, answer: int) -> torch.Tensor:
+    return (rank(logits, answer) == 0).float()
+
+
+def kl_to(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference || this run) over the next-token distribution, in nats."""
+    ref = torch.log_softmax(reference_logits.float(), dim=-1)
+    cur = torch.log_softmax(logits.float(), dim=-1)
+    return (ref.exp() * (ref - cur)).sum()
+
+
+def answer_logprob(position_logits: torch.Tensor, answer_ids: Sequence[int]) -> torch.Tensor:
+    """Sum of log-probabilities of a (multi-token) answer, from the logits of a run on prompt + answer.
+
+    position_logits: `[pos, vocab]` of that run; the answer's tokens are the last len(answer_ids) of the input.
+    """
+    n = len(answer_ids)
+    if n == 0 or position_logits.shape[0] <= n:
+        raise BadInputError("answer_logprob needs a run on the prompt followed by the answer's tokens")
+    logprobs = torch.log_softmax(position_logits[-n - 1 : -1].float(), dim=-1)
+    return logprobs[torch.arange(n), torch.tensor(list(answer_ids))].sum()
