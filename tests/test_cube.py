@@ -18,6 +18,7 @@ from modelrecon.cube import layout
 from modelrecon.cube.export import export_cube, import_activity_cube, to_activity_cube
 from modelrecon.cube.html import view_data, write_html
 from modelrecon.errors import BadInputError, CubeError
+from modelrecon.models.sites import site_name
 
 from conftest import assert_one_line_error, cli
 from tiny import save_tiny_model, tiny_model
@@ -52,7 +53,7 @@ def test_values_read_back_equal_the_hooks(model, tmp_path, dtype):
     for i in range(len(PROMPTS)):
         for kind in cube.site_kinds:
             layers = cube.layers(kind)
-            names = [kind if layer is None else f"layers.{layer}.{kind}" for layer in layers]
+            names = [site_name(kind, layer) for layer in layers]
             expected = torch.stack([direct[n][i].flatten(1) for n in names], 1).to(cast).numpy()
             assert np.array_equal(cube.get(kind, prompt=i), expected), (kind, i)
         assert cube.str_tokens(i) == model.str_tokens(model.encode(PROMPTS[i]))

@@ -179,16 +179,12 @@ def cube_export(
     prompt: Annotated[int, typer.Option(min=0, help="prompt for activitycube")] = 0,
 ) -> None:
     """Export a cube to flat arrays (npz, safetensors) or to the ActivityCube JSON of the seed prototype."""
-    import json as json_module
-
-    from modelrecon.cube.export import _atomic_target, export_cube, to_activity_cube
+    from modelrecon.cube.export import export_cube, write_activity_cube
     from modelrecon.cube.reader import open_cube
 
     opened = open_cube(cube)
     if fmt == "activitycube":
-        doc = to_activity_cube(opened, site or opened.site_kinds[0], prompt)
-        with _atomic_target(out_file, ".json") as temp:
-            temp.write_text(json_module.dumps(doc), encoding="utf-8")
+        write_activity_cube(opened, out_file, site, prompt)
     else:
         export_cube(opened, out_file, fmt)
     stdout.print(f"wrote {out_file}", markup=False)

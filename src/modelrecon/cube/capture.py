@@ -31,6 +31,7 @@ from modelrecon.cube.reader import Cube, read_attrs
 from modelrecon.errors import BadInputError, CubeError
 from modelrecon.hooks.trace import hooked
 from modelrecon.models.model import Model
+from modelrecon.models.sites import parse_site, site_name
 from modelrecon.progress import token_progress
 
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -74,8 +75,8 @@ def _plan(model, prompts, sites, dtype, batch_size, max_tokens, context_length, 
         raise BadInputError("no token sites to capture; give --sites such as 'layers.*.resid_post'")
     kinds: dict[str, list[int | None]] = {}
     for name in names:
-        kind, layer = layout.site_kind_of(name)
-        kinds.setdefault(kind, []).append(layer)
+        site = parse_site(name)
+        kinds.setdefault(site.kind, []).append(site.layer)
     token_ids, kept = [], []
     total = 0
     for prompt in prompts:
@@ -155,8 +156,8 @@ def _metadata(model: Model, plan: _Plan, fingerprint: str, seed: int) -> dict:
     }
 
 
-def _units(model: Model, kind: str) -> tuple[int, list[int]]:
-    shape = [d for d in model.site_shape(f"layers.0.{kind}" if kind not in ("embed", "final", "logits") else kind)[2:]]
+def _units(model: Model, kind: str, layer: int | None) -> tuple[int, list[int]]:
+    shape = list(model.site_shape(site_name(kind, layer))[2:])  # drop batch and pos
     return int(np.prod(shape)), shape
 
 
@@ -169,7 +170,7 @@ def _create(path: Path, model: Model, plan: _Plan, meta: dict) -> None:
         n_tokens, chunk = int(plan.offsets[-1]), plan.settings["chunk_tokens"]
         dtype = plan.settings["dtype"]  # zarr takes the name
         for kind, layers in plan.kinds.items():
-            n_units, unit_shape = _units(model, kind)
+            n_units, unit_shape = _units(model, kind, layers[0])
             values = group.create_array(
                 f"sites/{kind}",
                 shape=(n_tokens, len(layers), n_units),
@@ -338,10 +339,7 @@ def _stream(model: Model, plan: _Plan, path: Path, show_progress: bool) -> None:
     )
     need_logits = "logits" in plan.kinds
     record = plan.site_names + [f"layers.{i}.attn.pattern" for i in plan.pattern_layers]
-    site_lists = {
-        kind: [kind if layer is None else f"layers.{layer}.{kind}" for layer in layers]
-        for kind, layers in plan.kinds.items()
-    }
+    site_lists = {kind: [site_name(kind, layer) for layer in layers] for kind, layers in plan.kinds.items()}
     # Resume at the batch holding the first unwritten token; batches are fixed by prompt order and batch size.
     first_batch = int(np.searchsorted(offsets[batch_size::batch_size], written, side="right"))
     writer = _Writer()

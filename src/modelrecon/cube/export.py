@@ -19,10 +19,11 @@ import zarr
 from modelrecon.cube import layout
 from modelrecon.cube.reader import Cube
 from modelrecon.errors import BadInputError, CubeError
+from modelrecon.models.sites import site_name
 
 
 @contextmanager
-def _atomic_target(out: str | Path, suffix: str) -> Iterator[Path]:
+def atomic_target(out: str | Path, suffix: str) -> Iterator[Path]:
     out = Path(out)
     try:
         handle, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=suffix)
@@ -48,7 +49,7 @@ def export_cube(cube: Cube, out: str | Path, fmt: str) -> Path:
     if fmt not in ("npz", "safetensors"):
         raise BadInputError(f"unknown export format '{fmt}'; use npz or safetensors")
     arrays = flat_arrays(cube)
-    with _atomic_target(out, "." + fmt) as temp:
+    with atomic_target(out, "." + fmt) as temp:
         if fmt == "npz":
             with open(temp, "wb") as f:
                 np.savez(f, **arrays)
@@ -71,7 +72,7 @@ def to_activity_cube(cube: Cube, kind: str, prompt: int = 0) -> dict:
     tokens = cube.token_ids(prompt).tolist()
     layers = []
     for axis, layer in enumerate(cube.layers(kind)):
-        name = kind if layer is None else f"layers.{layer}.{kind}"
+        name = site_name(kind, layer)
         layers.append(
             {
                 "layer_index": axis,
@@ -94,6 +95,13 @@ def to_activity_cube(cube: Cube, kind: str, prompt: int = 0) -> dict:
         "layers": layers,
         "provenance": {"modelrecon_cube": str(cube.path), "weights_sha256": cube.metadata["model"]["weights_sha256"]},
     }
+
+
+def write_activity_cube(cube: Cube, out: str | Path, kind: str | None = None, prompt: int = 0) -> Path:
+    doc = to_activity_cube(cube, kind or cube.site_kinds[0], prompt)
+    with atomic_target(out, ".json") as temp:
+        temp.write_text(json.dumps(doc), encoding="utf-8")
+    return Path(out)
 
 
 def import_activity_cube(source: str | Path, out: str | Path) -> Cube:

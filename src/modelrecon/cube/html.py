@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from modelrecon.cube import layout
-from modelrecon.cube.export import _atomic_target
+from modelrecon.cube.export import atomic_target
 from modelrecon.cube.reader import Cube
 from modelrecon.errors import CubeError
 
@@ -133,6 +133,6 @@ def write_html(cube: Cube, out: str | Path, prompt: int = 0, kind: str | None = 
         .replace("__META__", meta)
         .replace("__DATA__", json.dumps(data).replace("</", "<\\/"))
     )
-    with _atomic_target(out, ".html") as temp:
+    with atomic_target(out, ".html") as temp:
         temp.write_text(page, encoding="utf-8")
     return Path(out)

@@ -25,14 +25,6 @@ STATUS_COMPLETE = "complete"
 STATUS_CAPTURING = "capturing"
 
 
-def site_kind_of(site_name: str) -> tuple[str, int | None]:
-    """'layers.3.mlp.out' -> ('mlp.out', 3); 'final' -> ('final', None)."""
-    if site_name.startswith("layers."):
-        _, layer, kind = site_name.split(".", 2)
-        return kind, int(layer)
-    return site_name, None
-
-
 def summarise(values: torch.Tensor) -> torch.Tensor:
     """[tokens, layers, units] -> float32 [tokens, layers, 5] in STATS order, reduced over units.
 

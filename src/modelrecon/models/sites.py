@@ -59,6 +59,11 @@ def parse_site(name: str) -> Site:
     raise UnknownSiteError(f"'{name}' is not a site name; sites look like 'layers.3.resid_post' or 'logits'")
 
 
+def site_name(kind: str, layer: int | None) -> str:
+    """Inverse of parse_site: ('mlp.out', 3) -> 'layers.3.mlp.out'; ('final', None) -> 'final'."""
+    return kind if layer is None else f"layers.{layer}.{kind}"
+
+
 def all_site_names(n_layers: int, has_resid_mid: bool = True) -> list[str]:
     kinds = [k for k in LAYER_SITE_KINDS if has_resid_mid or k != "resid_mid"]
     return ["embed", *(f"layers.{i}.{k}" for i in range(n_layers) for k in kinds), "final", "logits"]
