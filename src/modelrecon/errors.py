@@ -4,6 +4,12 @@ The CLI prints these on one line and exits with code 2; anything else is a bug a
 """
 
 
+def reason(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an underlying library's error, for a one-line message (its type when it says nothing)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class ModelreconError(Exception):
     """Base class for every user-facing modelrecon error."""
 

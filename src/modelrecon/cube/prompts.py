@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from modelrecon.errors import BadInputError
+from modelrecon.errors import BadInputError, reason
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -35,9 +35,7 @@ def read_prompts(path: str | Path) -> list[str]:
         try:
             table = pq.read_table(path, columns=["text"])
         except Exception as exc:  # pyarrow raises several kinds for a bad file or a missing column
-            raise BadInputError(
-                f"cannot read a 'text' column from Parquet file '{path}': {str(exc).splitlines()[0]}"
-            ) from None
+            raise BadInputError(f"cannot read a 'text' column from Parquet file '{path}': {reason(exc)}") from None
         prompts = [t for t in table.column("text").to_pylist() if isinstance(t, str)]
     else:
         raise BadInputError(

@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 
-from modelrecon.errors import BadModelFileError, ModelNotInstalledError, OfflineError, UnknownModelError
+from modelrecon.errors import (
+    BadModelFileError,
+    ModelNotInstalledError,
+    OfflineError,
+    UnknownModelError,
+    reason,
+)
 from modelrecon.models.embedded import EMBEDDED
 from modelrecon.models.model import Model
 from modelrecon.progress import step
@@ -122,9 +128,8 @@ def gguf_to_folder(parts: list[Path], label: str) -> tuple[Path, str]:
 
 
 def _bad_gguf(gguf: Path, exc: Exception) -> BadModelFileError:
-    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     return BadModelFileError(
-        f"cannot read GGUF file '{gguf}' ({reason}); the file is corrupt or not a supported GGUF model, "
+        f"cannot read GGUF file '{gguf}' ({reason(exc)}); the file is corrupt or not a supported GGUF model, "
         "re-download or reinstall it"
     )
 
@@ -167,8 +172,7 @@ def _load_folder(folder: Path, name: str, source: dict, dtype, device, trust_rem
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise BadModelFileError(f"cannot load model folder '{folder}': {reason}") from exc
+        raise BadModelFileError(f"cannot load model folder '{folder}': {reason(exc)}") from exc
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
@@ -213,7 +217,5 @@ def _load_hub(hub_id: str, dtype, device, trust_remote_code: bool) -> Model:
         try:
             folder = snapshot_download(hub_id)
         except Exception as exc:
-            raise UnknownModelError(
-                f"cannot download '{hub_id}' from the hub: {str(exc).splitlines()[0][:200]}"
-            ) from exc
+            raise UnknownModelError(f"cannot download '{hub_id}' from the hub: {reason(exc)}") from exc
     return _load_folder(Path(folder), hub_id, {"kind": "hub", "id": hub_id}, dtype, device, trust_remote_code)
