@@ -21,7 +21,9 @@ from modelrecon.models.model import Batch, Model
 from modelrecon.models.sites import parse_site
 
 # None: every position; int or list of ints (negative counts from the end); "last"; {"start": a, "stop": b};
-# {"match": " Paris"}: the positions whose decoded token equals the text.
+# {"match": " Paris"}: the positions whose decoded token equals the text. On `attn.pattern` positions are query
+# positions and `units` key positions. In generation the open-ended specs (None, {"start": a}) also cover the
+# generated tokens; the others select prompt tokens only.
 PositionSpec = None | int | list[int] | str | dict
 
 
@@ -42,6 +44,10 @@ class Intervention:
     def replace(self, selected: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
         """New values for the selected part of the site (`source`: the same part of a source run, for patches)."""
         raise NotImplementedError
+
+    def source_run(self) -> str | None:
+        """The name of the run whose values this intervention writes (None: it needs none)."""
+        return None
 
     def to_dict(self) -> dict:
         return {"op": self.op, **asdict(self)}
@@ -133,9 +139,28 @@ class Patch(Intervention):
     source: str = "counterfactual"
     op: ClassVar[str] = "patch"
 
+    def source_run(self) -> str | None:
+        return self.source
+
     def replace(self, selected, source):
-        if source is None:
-            raise BadInputError(f"patch of '{self.site}' needs the '{self.source}' run: pass sources=...")
+        return source.to(selected.dtype)
+
+
+@dataclass(frozen=True)
+class Resample(Intervention):
+    """Resample ablation: the values the site had on another prompt, drawn (seeded) from `pool`.
+
+    In an experiment the pool defaults to the other items' clean prompts of the same length.
+    """
+
+    pool: list[str] | None = None
+    seed: int = 0
+    op: ClassVar[str] = "resample"
+
+    def source_run(self) -> str | None:
+        return "resample"
+
+    def replace(self, selected, source):
         return source.to(selected.dtype)
 
 
@@ -165,22 +190,27 @@ def from_json(text: str) -> list[Intervention]:
 
 
 # --- applying them ------------------------------------------------------------------------------------------------
-def resolve_positions(spec: PositionSpec, token_texts: list[str]) -> list[int]:
-    """Positions (0-based, in the prompt's own tokens) that a position spec selects."""
-    n = len(token_texts)
+def resolve_positions(spec: PositionSpec, token_texts: list[str], n_prompt: int | None = None) -> list[int]:
+    """Positions (0-based) that a position spec selects among a prompt's tokens.
+
+    n_prompt: how many of `token_texts` are the prompt (the rest were generated); open-ended specs cover them all.
+    """
+    n_all = len(token_texts)
+    n = n_all if n_prompt is None else n_prompt
     if spec is None:
-        return list(range(n))
+        return list(range(n_all))
     if spec == "last":
         return [n - 1]
     if isinstance(spec, dict) and "match" in spec:
-        found = [i for i, text in enumerate(token_texts) if text == spec["match"]]
+        found = [i for i, text in enumerate(token_texts[:n]) if text == spec["match"]]
         if not found:
-            raise BadInputError(f"no token {spec['match']!r} in the prompt; its tokens are {token_texts}")
+            raise BadInputError(f"no token {spec['match']!r} in the prompt; its tokens are {token_texts[:n]}")
         return found
-    if isinstance(spec, dict) and set(spec) <= {"start", "stop"}:
-        return list(range(n))[slice(spec.get("start"), spec.get("stop"))]
-    chosen = [spec] if isinstance(spec, int) else spec
-    if not isinstance(chosen, list) or not all(isinstance(p, int) for p in chosen):
+    if isinstance(spec, dict) and spec and set(spec) <= {"start", "stop"}:
+        upto = n if "stop" in spec else n_all
+        return list(range(upto))[slice(spec.get("start"), spec.get("stop"))]
+    chosen = [spec] if isinstance(spec, int) and not isinstance(spec, bool) else spec
+    if not isinstance(chosen, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in chosen):
         raise BadInputError(
             f"bad positions {spec!r}: use null, an int, a list of ints, 'last', "
             '{"start": a, "stop": b} or {"match": "token"}'
@@ -191,53 +221,58 @@ def resolve_positions(spec: PositionSpec, token_texts: list[str]) -> list[int]:
     return [p % n for p in chosen]
 
 
+# Per run name (e.g. "counterfactual"), per site, one value per prompt of the batch (`RunResult.acts` of that run).
+Sources = dict[str, dict[str, list[torch.Tensor]]]
+
+
 def edits_for(
     model: Model,
     batch: Batch,
     interventions: Sequence[Intervention],
-    sources: dict[str, dict[str, list[torch.Tensor]]] | None = None,
+    sources: Sources | None = None,
+    n_prompt: list[int] | None = None,
 ) -> dict[str, EditFn]:
     """Edit functions for `hooks.run` that apply the interventions, in order, per prompt of the batch.
 
-    sources: run name -> site -> per-prompt values (`RunResult.acts` of that run), for `Patch`.
+    sources: the values that `Patch` and `Resample` write. n_prompt: per prompt, how many tokens are the prompt
+    (in generation; see `resolve_positions`).
     """
     by_site: dict[str, list[Intervention]] = {}
     for iv in interventions:
         if not isinstance(iv, Intervention):
             raise BadInputError(f"{iv!r} is not an Intervention")
         for site in model.resolve_sites(iv.site):
-            if parse_site(site).kind == "attn.pattern":
-                raise BadInputError(
-                    f"'{site}': interventions on attention patterns are not supported yet; "
-                    "edit them with a function through run(edit=...)"
-                )
             by_site.setdefault(site, []).append(iv)
     texts = [model.str_tokens(batch.tokens(i)) for i in range(batch.size)]
+    n_prompt = n_prompt or batch.lengths
+    positions = {
+        (id(iv), i): resolve_positions(iv.positions, texts[i], n_prompt[i])
+        for ivs in by_site.values()
+        for iv in ivs
+        for i in range(batch.size)
+    }
 
     def make_edit(site: str, ivs: list[Intervention]) -> EditFn:
+        pattern = parse_site(site).kind == "attn.pattern"
+        for iv in ivs:
+            _check_axes(iv, site)
+
         def edit(value: torch.Tensor, ctx: HookContext) -> torch.Tensor:
             value = value.clone()
+            view = value.transpose(1, 2) if pattern else value  # [batch, pos, ...], a view: writes reach value
             for i in range(batch.size):
+                start, length = batch.starts[i], batch.lengths[i]
                 for iv in ivs:
-                    positions = resolve_positions(iv.positions, texts[i])
-                    rows = torch.tensor(positions, dtype=torch.long) + batch.starts[i]
-                    index = _index(value, iv, site)
-                    selected = value[i, rows][index]
+                    chosen = positions[(id(iv), i)]
+                    rows = torch.tensor(chosen, dtype=torch.long, device=value.device) + start
+                    block = view[i, rows]
+                    target = _index(iv, pattern, start, length, value.device)
                     source = None
-                    if isinstance(iv, Patch):
-                        run_values = (sources or {}).get(iv.source, {}).get(site)
-                        if run_values is None:
-                            raise BadInputError(f"patch of '{site}' needs the '{iv.source}' run's values of that site")
-                        source_prompt = run_values[i]
-                        if max(positions) >= len(source_prompt):
-                            raise BadInputError(
-                                f"patch of '{site}': position {max(positions)} is beyond the {iv.source} prompt's "
-                                f"{len(source_prompt)} tokens; align the prompts or choose positions"
-                            )
-                        source = source_prompt.to(value.device)[positions][index]
-                    block = value[i, rows]
-                    block[index] = iv.replace(selected, source)
-                    value[i, rows] = block
+                    if iv.source_run() is not None:
+                        source = _source_values(iv, site, i, chosen, sources, pattern)
+                        source = source.to(value.device)[_index(iv, pattern, 0, length, value.device)]
+                    block[target] = iv.replace(block[target], source)
+                    view[i, rows] = block
             return value
 
         return edit
@@ -245,28 +280,148 @@ def edits_for(
     return {site: make_edit(site, ivs) for site, ivs in by_site.items()}
 
 
-def _index(value: torch.Tensor, iv: Intervention, site: str) -> tuple:
-    """Index into one prompt's selected rows ([pos, ...]) for the intervention's heads and units."""
-    heads_axis = parse_site(site).kind == "attn.heads"
-    if iv.heads is not None and not heads_axis:
-        raise BadInputError(f"heads= applies to attn.heads sites, not '{site}'")
-    index: list = [slice(None)]
-    if heads_axis:
-        index.append(slice(None) if iv.heads is None else torch.tensor(iv.heads))
-    if iv.units is not None:
-        if iv.heads is not None:
-            raise BadInputError("give heads= or units= on attn.heads, not both")
-        index.append(torch.tensor(iv.units))
-    return tuple(index)
+def _source_values(
+    iv: Intervention, site: str, i: int, chosen: list[int], sources: Sources | None, pattern: bool
+) -> torch.Tensor:
+    name = iv.source_run()
+    values = (sources or {}).get(name, {}).get(site)
+    if values is None:
+        raise BadInputError(f"'{iv.op}' at '{site}' needs the '{name}' run's values of that site: pass sources=...")
+    prompt_values = values[i].transpose(0, 1) if pattern else values[i]  # [pos, ...]
+    if max(chosen) >= len(prompt_values):
+        raise BadInputError(
+            f"'{iv.op}' at '{site}': position {max(chosen)} is beyond the {name} prompt's {len(prompt_values)} "
+            "tokens; give prompts of the same length or choose positions"
+        )
+    return prompt_values[chosen]
+
+
+def _check_axes(iv: Intervention, site: str) -> None:
+    kind = parse_site(site).kind
+    if iv.heads is not None and kind not in ("attn.heads", "attn.pattern"):
+        raise BadInputError(f"heads= applies to attn.heads and attn.pattern sites, not '{site}'")
+
+
+def _index(iv: Intervention, pattern: bool, key_offset: int, n_keys: int, device) -> tuple:
+    """Index into one prompt's selected rows `[pos, ...]` for the intervention's heads and units.
+
+    On patterns (seen as `[q, head, k]`) the units are key positions, shifted by the prompt's padding offset, and
+    only the prompt's real keys are touched. Heads and units index as an outer product.
+    """
+    heads = None if iv.heads is None else torch.tensor(iv.heads, device=device)
+    if pattern:
+        keys = torch.arange(n_keys) if iv.units is None else torch.tensor(iv.units)
+        units = (keys + key_offset).to(device)
+    else:
+        units = None if iv.units is None else torch.tensor(iv.units, device=device)
+    if heads is not None and units is not None:
+        return (slice(None), heads[:, None], units[None, :])
+    if heads is not None:
+        return (slice(None), heads)
+    if units is not None:
+        return (slice(None), ..., units)
+    return (slice(None),)
+
+
+def source_acts(
+    model: Model,
+    prompts: list[str],
+    interventions: Sequence[Intervention],
+    sources: dict[str, list[str] | dict[str, list[torch.Tensor]]] | None = None,
+) -> Sources:
+    """The values each intervention's source run holds at its sites, one per prompt.
+
+    sources: run name -> either its prompts (one per prompt, run here, recording what is needed) or values already
+    recorded. `Resample` draws from its own pool.
+    """
+    given = dict(sources or {})
+    needed: dict[str, set[str]] = {}
+    for iv in interventions:
+        if iv.source_run() is not None:
+            needed.setdefault(iv.source_run(), set()).update(model.resolve_sites(iv.site))
+    out: Sources = {}
+    for name, sites in needed.items():
+        if name == "resample":
+            out[name] = _resample_values(model, prompts, [iv for iv in interventions if isinstance(iv, Resample)])
+            continue
+        if name not in given:
+            raise BadInputError(f"interventions patch from the '{name}' run: pass sources={{'{name}': prompts}}")
+        value = given[name]
+        if isinstance(value, dict):
+            out[name] = value
+            continue
+        value = [value] if isinstance(value, str) else list(value)
+        if len(value) != len(prompts):
+            raise BadInputError(f"sources['{name}'] has {len(value)} prompts for {len(prompts)} prompts; give one each")
+        out[name] = run(model, value, record=sorted(sites)).acts
+    return out
+
+
+def _resample_values(model: Model, prompts: list[str], resamples: list[Resample]) -> dict[str, list[torch.Tensor]]:
+    values: dict[str, list[torch.Tensor]] = {}
+    for iv in resamples:
+        if not iv.pool:
+            raise BadInputError(f"resample ablation of '{iv.site}' needs pool=[prompts] to draw values from")
+        sites = model.resolve_sites(iv.site)
+        pool_acts = run(model, list(iv.pool), record=sites).acts
+        generator = torch.Generator().manual_seed(iv.seed)
+        draws = torch.randint(len(iv.pool), (len(prompts),), generator=generator).tolist()
+        for site in sites:
+            values[site] = [pool_acts[site][j] for j in draws]
+    return values
 
 
 def run_with(
     model: Model,
-    prompts: str | list[str] | Batch,
+    prompts: str | list[str],
     interventions: Sequence[Intervention],
-    sources: dict[str, dict[str, list[torch.Tensor]]] | None = None,
+    sources: dict[str, list[str] | Sources] | None = None,
     **run_kwargs: Any,
 ) -> RunResult:
-    """`hooks.run` with the interventions applied."""
-    batch = prompts if isinstance(prompts, Batch) else model.tokenize(prompts, run_kwargs.pop("padding_side", "right"))
-    return run(model, batch, edit=edits_for(model, batch, interventions, sources), **run_kwargs)
+    """`hooks.run` with the interventions applied.
+
+    sources: for `Patch`, the source run's prompts (one per prompt; run here) or its recorded values
+    (`{"counterfactual": run(...).acts}`).
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    batch = model.tokenize(prompts, run_kwargs.pop("padding_side", "right"))
+    values = source_acts(model, prompts, interventions, sources)
+    return run(model, batch, edit=edits_for(model, batch, interventions, values), **run_kwargs)
+
+
+@dataclass
+class Generation:
+    """Greedy continuation of one prompt: the generated token ids and text (prompt excluded)."""
+
+    prompt: str
+    tokens: list[int]
+    text: str
+
+
+def generate_with(
+    model: Model,
+    prompt: str,
+    interventions: Sequence[Intervention] = (),
+    max_new_tokens: int = 20,
+    sources: dict[str, list[str] | Sources] | None = None,
+) -> Generation:
+    """Greedy generation with interventions applied at every step.
+
+    Each step reruns the whole sequence (no key/value cache), so an intervention sees exactly the sequence a cached
+    run would: closed position specs stay on the prompt, open-ended ones (None, {"start": a}) reach every generated
+    token too. Stops at the end-of-sequence token.
+    """
+    if max_new_tokens < 1:
+        raise BadInputError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    ids = model.encode(prompt)
+    values = source_acts(model, [prompt], interventions, sources)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        batch = model.batch_from_ids([ids + new])
+        edits = edits_for(model, batch, interventions, values, n_prompt=[len(ids)])
+        logits = run(model, batch, edit=edits, last_only=True).logits[0][-1]
+        token = int(logits.argmax())
+        if token == model.tokenizer.eos_token_id:
+            break
+        new.append(token)
+    return Generation(prompt, new, model.tokenizer.decode(new))

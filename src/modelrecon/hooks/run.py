@@ -48,11 +48,14 @@ def run(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     padding_side: str = "right",
+    last_only: bool = False,
 ) -> RunResult:
     """Run prompts through the model with sites recorded, edited, and (with `grad_of`) differentiated.
 
     grad_of: takes the per-prompt logits `[pos, vocab]` and returns the scalar whose gradients at the `grad` sites
     are recorded. Example: `grad_of=lambda logits: logits[0][-1, paris_id]`.
+    last_only: unembed only each prompt's last token (`logits[i]` is then `[1, vocab]`); pass prompts as a
+    left-padded Batch (or `padding_side="left"`) when their lengths differ.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -65,8 +68,8 @@ def run(
             model, batch, record=record, edit=edit, grad=grad, positions=positions, dtype=dtype, device=device
         ) as trace,
     ):
-        logits = model.forward(batch)
-        per_prompt = [logits[i, batch.real(i)] for i in range(batch.size)]
+        logits = model.forward(batch, last_only=last_only)
+        per_prompt = [logits[i, -1:] if last_only else logits[i, batch.real(i)] for i in range(batch.size)]
         if grad:
             grad_of(per_prompt).backward()
             per_prompt = [x.detach() for x in per_prompt]

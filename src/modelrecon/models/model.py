@@ -160,11 +160,13 @@ class Model:
         return [self.tokenizer.decode([int(t)]) for t in ids]
 
     # --- the plain forward pass ----------------------------------------------------------------------------------
-    def forward(self, batch: Batch, logits: bool = True) -> torch.Tensor:
+    def forward(self, batch: Batch, logits: bool = True, last_only: bool = False) -> torch.Tensor:
         """The model's own forward pass on a batch: logits `[batch, pos, vocab]`.
 
         With logits=False only the base model runs (no unembedding): it returns the `final` residual stream
         `[batch, pos, d_model]`, which is all a capture that records no `logits` needs.
+        With last_only the model unembeds only the last column (`[batch, 1, vocab]`, transformers'
+        `logits_to_keep=1`): every prompt's last token when the batch is left-padded or unpadded.
         """
         inputs = dict(
             input_ids=batch.input_ids,
@@ -173,6 +175,10 @@ class Model:
             use_cache=False,
         )
         if logits:
+            if last_only:
+                if batch.padding_side != "left" and len(set(batch.lengths)) > 1:
+                    raise BadInputError("last_only needs a left-padded batch when prompts differ in length")
+                return self.hf(**inputs, logits_to_keep=1).logits
             return self.hf(**inputs).logits
         return self.hf.base_model(**inputs).last_hidden_state
 
