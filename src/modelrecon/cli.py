@@ -202,6 +202,72 @@ def cube_import(
     stdout.print(f"wrote {cube.path}: {cube.n_tokens} tokens, {len(cube.layers('imported'))} layers", markup=False)
 
 
+@app.command()
+def patch(
+    sweep: Annotated[str, typer.Option("--sweep", help="resid_pre, resid_post, heads, attn or mlp")],
+    json_out: Annotated[Path, typer.Option("--json", help="the JSON result file to write")],
+    model: ModelOption = DEFAULT_MODEL,
+    pairs: Annotated[
+        str | None, typer.Option("--pairs", help="JSONL file of pairs, or a shipped dataset name (capitals)")
+    ] = None,
+    clean: Annotated[str | None, typer.Option("--clean", help="the clean prompt (instead of --pairs)")] = None,
+    corrupt: Annotated[str | None, typer.Option("--corrupt", help="the counterfactual prompt")] = None,
+    answer: Annotated[str | None, typer.Option("--answer", help="the clean answer, with its leading space")] = None,
+    wrong: Annotated[str | None, typer.Option("--wrong", help="the counterfactual's answer")] = None,
+    direction: Annotated[str, typer.Option(help="denoise: patch clean into corrupt; noise: the reverse")] = "denoise",
+    metric: Annotated[str, typer.Option(help="logit_diff, prob, logprob, rank, top1 or kl")] = "logit_diff",
+    html_out: Annotated[Path | None, typer.Option("--html", help="also write a self-contained heatmap")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="patched rows per forward pass")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the bootstrap")] = 0,
+) -> None:
+    """Activation patching: patch every cell of a sweep and write the normalised effects (JSON, optional HTML)."""
+    import json
+
+    from modelrecon.counterfactual.html import write_sweep_html
+    from modelrecon.counterfactual.pairs import pair_from_dict, read_pairs
+    from modelrecon.counterfactual.sweep import DIRECTIONS, SWEEPS
+    from modelrecon.counterfactual.sweep import sweep as run_sweep
+    from modelrecon.errors import BadInputError
+    from modelrecon.files import write_text_atomic
+
+    if sweep not in SWEEPS:
+        raise BadInputError(f"unknown --sweep {sweep!r}; use one of {', '.join(SWEEPS)}")
+    if direction not in DIRECTIONS:
+        raise BadInputError(f"unknown --direction {direction!r}; use denoise or noise")
+    one = {"clean": clean, "counterfactual": corrupt, "answer": answer, "wrong": wrong}
+    given = {k for k, v in one.items() if v is not None}
+    if pairs is not None and given:
+        raise BadInputError("give either --pairs FILE or --clean/--corrupt/--answer/--wrong, not both")
+    if pairs is None:
+        if len(given) < 4:
+            names = {"clean": "--clean", "counterfactual": "--corrupt", "answer": "--answer", "wrong": "--wrong"}
+            missing = " ".join(names[k] for k in one if k not in given)
+            raise BadInputError(f"missing {missing}: give all four of --clean --corrupt --answer --wrong, or --pairs")
+        pair_list = [pair_from_dict(one, "the command line")]
+    else:
+        pair_list = read_pairs(pairs)
+    loaded = _load(model)
+    result = run_sweep(
+        loaded, pair_list, sweep, direction=direction, metric=metric, batch_size=batch_size, seed=seed, progress=True
+    )
+    report = {"model": loaded.name, **result.to_dict()}
+    write_text_atomic(json_out, json.dumps(report, indent=1))
+    stdout.print(
+        f"{result.metric}: clean {result.clean:.4f}, corrupt {result.corrupt:.4f} ({len(pair_list)} pair(s))",
+        markup=False,
+    )
+    table = Table("site", "position" if sweep != "heads" else "head", "effect", "95% CI", title="largest effects")
+    for row in sorted(report["results"], key=lambda r: -abs(r["effect"] or 0.0))[:8]:
+        where = str(row["head"]) if sweep == "heads" else f"{row['position']} {result.tokens[row['position']]!r}"
+        table.add_row(
+            row["site"], escape(where), f"{row['effect']:.3f}", f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+        )
+    stdout.print(table)
+    stdout.print(f"wrote {json_out}", markup=False)
+    if html_out is not None:
+        stdout.print(f"wrote {write_sweep_html(result, html_out)}", markup=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

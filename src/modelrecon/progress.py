@@ -22,25 +22,32 @@ def step(message: str) -> Iterator[None]:
 
 
 @contextmanager
-def token_progress(total: int, done: int = 0, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A progress bar over tokens with tokens/s and ETA; yields `advance(n_tokens)`."""
+def token_progress(
+    total: int,
+    done: int = 0,
+    enabled: bool = True,
+    label: str = "capturing",
+    unit: str = "tokens",
+    rate_unit: str = "tok",
+) -> Iterator[Callable[[int], None]]:
+    """A progress bar over units of work (tokens by default) with rate and ETA; yields `advance(n)`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (
-        TextColumn("capturing"),
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("tokens  {task.fields[rate]}"),
+        TextColumn(unit + "  {task.fields[rate]}"),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=_console, disable=not enabled, transient=False) as bar:
-        task = bar.add_task("capture", total=total, completed=done, rate="")
+        task = bar.add_task(label, total=total, completed=done, rate="")
         start, counted = time.perf_counter(), 0
 
         def advance(n: int) -> None:
             nonlocal counted
             counted += n
             rate = counted / max(time.perf_counter() - start, 1e-9)
-            bar.update(task, advance=n, rate=f"{rate:,.0f} tok/s")
+            bar.update(task, advance=n, rate=f"{rate:,.0f} {rate_unit}/s")
 
         yield advance

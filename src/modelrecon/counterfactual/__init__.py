@@ -1,8 +1,8 @@
-"""Counterfactual tests: interventions as data, applied through the one hook mechanism.
-
-Experiments over prompt pairs, metrics with confidence intervals and patching sweeps build on these (issue 4).
+"""Counterfactual tests: interventions as data applied through the one hook mechanism, experiments over prompt pairs
+with statistics and sanity checks, and batched patching sweeps.
 """
 
+from modelrecon.counterfactual.experiment import ComponentResult, ExperimentResult, experiment
 from modelrecon.counterfactual.interventions import (
     AddDirection,
     Generation,
@@ -22,8 +22,21 @@ from modelrecon.counterfactual.interventions import (
     source_acts,
     to_json,
 )
+from modelrecon.counterfactual.pairs import Pair, pair_from_dict, read_pairs, tokenize_pairs
+from modelrecon.counterfactual.sweep import SWEEPS, Cell, SweepResult, sweep
 
 __all__ = [
+    "SWEEPS",
+    "Cell",
+    "ComponentResult",
+    "ExperimentResult",
+    "Pair",
+    "SweepResult",
+    "experiment",
+    "pair_from_dict",
+    "read_pairs",
+    "sweep",
+    "tokenize_pairs",
     "AddDirection",
     "Generation",
     "Intervention",

@@ -228,56 +228,74 @@ Sources = dict[str, dict[str, list[torch.Tensor]]]
 def edits_for(
     model: Model,
     batch: Batch,
-    interventions: Sequence[Intervention],
+    interventions: Sequence[Intervention] | Sequence[Sequence[Intervention]],
     sources: Sources | None = None,
     n_prompt: list[int] | None = None,
 ) -> dict[str, EditFn]:
     """Edit functions for `hooks.run` that apply the interventions, in order, per prompt of the batch.
 
+    interventions: one list for every prompt, or one list per prompt (a sweep patches a different cell per row).
     sources: the values that `Patch` and `Resample` write. n_prompt: per prompt, how many tokens are the prompt
     (in generation; see `resolve_positions`).
     """
-    by_site: dict[str, list[Intervention]] = {}
-    for iv in interventions:
-        if not isinstance(iv, Intervention):
-            raise BadInputError(f"{iv!r} is not an Intervention")
-        for site in model.resolve_sites(iv.site):
-            by_site.setdefault(site, []).append(iv)
-    texts = [model.str_tokens(batch.tokens(i)) for i in range(batch.size)]
-    n_prompt = n_prompt or batch.lengths
-    positions = {
-        (id(iv), i): resolve_positions(iv.positions, texts[i], n_prompt[i])
-        for ivs in by_site.values()
-        for iv in ivs
-        for i in range(batch.size)
-    }
-
-    def make_edit(site: str, ivs: list[Intervention]) -> EditFn:
-        pattern = parse_site(site).kind == "attn.pattern"
+    per_prompt = _per_prompt(interventions, batch.size)
+    # site -> [(prompt, intervention)], in the order given
+    by_site: dict[str, list[tuple[int, Intervention]]] = {}
+    resolved: dict[str, list[str]] = {}
+    for i, ivs in enumerate(per_prompt):
         for iv in ivs:
-            _check_axes(iv, site)
+            if iv.site not in resolved:
+                resolved[iv.site] = model.resolve_sites(iv.site)
+            for site in resolved[iv.site]:
+                _check_axes(iv, site)
+                by_site.setdefault(site, []).append((i, iv))
+    n_prompt = n_prompt or batch.lengths
+    texts: dict[int, list[str]] = {}
+
+    def positions_of(iv: Intervention, i: int) -> list[int]:
+        if i not in texts:  # decoding tokens is slow: only for the prompts that need it
+            texts[i] = model.str_tokens(batch.tokens(i))
+        return resolve_positions(iv.positions, texts[i], n_prompt[i])
+
+    chosen = {(i, id(iv)): positions_of(iv, i) for cells in by_site.values() for i, iv in cells}
+
+    def make_edit(site: str, cells: list[tuple[int, Intervention]]) -> EditFn:
+        pattern = parse_site(site).kind == "attn.pattern"
 
         def edit(value: torch.Tensor, ctx: HookContext) -> torch.Tensor:
             value = value.clone()
             view = value.transpose(1, 2) if pattern else value  # [batch, pos, ...], a view: writes reach value
-            for i in range(batch.size):
+            for i, iv in cells:
                 start, length = batch.starts[i], batch.lengths[i]
-                for iv in ivs:
-                    chosen = positions[(id(iv), i)]
-                    rows = torch.tensor(chosen, dtype=torch.long, device=value.device) + start
-                    block = view[i, rows]
-                    target = _index(iv, pattern, start, length, value.device)
-                    source = None
-                    if iv.source_run() is not None:
-                        source = _source_values(iv, site, i, chosen, sources, pattern)
-                        source = source.to(value.device)[_index(iv, pattern, 0, length, value.device)]
-                    block[target] = iv.replace(block[target], source)
-                    view[i, rows] = block
+                positions = chosen[(i, id(iv))]
+                rows = torch.tensor(positions, dtype=torch.long, device=value.device) + start
+                block = view[i, rows]
+                target = _index(iv, pattern, start, length, value.device)
+                source = None
+                if iv.source_run() is not None:
+                    source = _source_values(iv, site, i, positions, sources, pattern)
+                    source = source.to(value.device)[_index(iv, pattern, 0, length, value.device)]
+                block[target] = iv.replace(block[target], source)
+                view[i, rows] = block
             return value
 
         return edit
 
-    return {site: make_edit(site, ivs) for site, ivs in by_site.items()}
+    return {site: make_edit(site, cells) for site, cells in by_site.items()}
+
+
+def _per_prompt(interventions, n: int) -> list[list[Intervention]]:
+    items = list(interventions)
+    if items and all(isinstance(x, (list, tuple)) for x in items):
+        if len(items) != n:
+            raise BadInputError(f"{len(items)} intervention lists for {n} prompts; give one list per prompt")
+        lists = [list(x) for x in items]
+    else:
+        lists = [items] * n
+    for iv in (iv for ivs in lists for iv in ivs):
+        if not isinstance(iv, Intervention):
+            raise BadInputError(f"{iv!r} is not an Intervention")
+    return lists
 
 
 def _source_values(

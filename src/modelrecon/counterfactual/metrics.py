@@ -8,7 +8,8 @@ error by the metrics that need a single token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -73,3 +74,41 @@ def answer_logprob(position_logits: torch.Tensor, answer_ids: Sequence[int]) -> 
         raise BadInputError("answer_logprob needs a run on the prompt followed by the answer's tokens")
     logprobs = torch.log_softmax(position_logits[-n - 1 : -1].float(), dim=-1)
     return logprobs[torch.arange(n), torch.tensor(list(answer_ids))].sum()
+
+
+# --- metrics of an experiment item -----------------------------------------------------------------------------------
+# An item metric takes the last-position logits `[vocab]` of a run and the item (its answer and wrong token ids and
+# the clean run's logits) and returns a scalar. Users may pass their own callable of that shape.
+ItemMetric = Callable[[torch.Tensor, "ScoredItem"], torch.Tensor | float]
+
+
+@dataclass
+class ScoredItem:
+    answer: int
+    wrong: int | None
+    clean_logits: torch.Tensor | None = None
+
+
+def _needs_wrong(item: ScoredItem) -> int:
+    if item.wrong is None:
+        raise BadInputError("metric logit_diff needs a wrong answer for every item")
+    return item.wrong
+
+
+ITEM_METRICS: dict[str, ItemMetric] = {
+    "logit_diff": lambda logits, item: logit_diff(logits, item.answer, _needs_wrong(item)),
+    "prob": lambda logits, item: prob(logits, item.answer),
+    "logprob": lambda logits, item: logprob(logits, item.answer),
+    "rank": lambda logits, item: rank(logits, item.answer),
+    "top1": lambda logits, item: top1(logits, item.answer),
+    "kl": lambda logits, item: kl_to(item.clean_logits, logits),
+}
+
+
+def item_metric(metric: str | ItemMetric) -> tuple[str, ItemMetric]:
+    """(name, function) for a metric name or a user callable `fn(logits, item) -> scalar`."""
+    if callable(metric):
+        return getattr(metric, "__name__", "custom"), metric
+    if metric not in ITEM_METRICS:
+        raise BadInputError(f"unknown metric {metric!r}; use one of {', '.join(ITEM_METRICS)} or a callable")
+    return metric, ITEM_METRICS[metric]

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +15,8 @@ import zarr
 from modelrecon.cube import layout
 from modelrecon.cube.reader import Cube
 from modelrecon.errors import BadInputError, CubeError
+from modelrecon.files import atomic_target
 from modelrecon.models.sites import site_name
-
-
-@contextmanager
-def atomic_target(out: str | Path, suffix: str) -> Iterator[Path]:
-    out = Path(out)
-    try:
-        handle, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=suffix)
-    except OSError as exc:
-        raise CubeError(f"cannot write '{out}': {exc.strerror}; choose a writable --out") from None
-    os.close(handle)
-    try:
-        yield Path(temp)
-        os.replace(temp, out)
-    finally:
-        Path(temp).unlink(missing_ok=True)
 
 
 def flat_arrays(cube: Cube) -> dict[str, np.ndarray]:

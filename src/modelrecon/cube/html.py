@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from modelrecon.cube import layout
-from modelrecon.cube.export import atomic_target
 from modelrecon.cube.reader import Cube
 from modelrecon.errors import CubeError
+from modelrecon.files import atomic_target
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
