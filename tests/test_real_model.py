@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import modelrecon as mr
+from modelrecon.counterfactual import Pair, read_pairs, sweep, tokenize_pairs
+from modelrecon.counterfactual.metrics import single_token
 from modelrecon.models import loading
 from modelrecon.models.embedded import EMBEDDED
 
@@ -48,3 +50,42 @@ def test_cli_run_says_paris(capsys, smollm2):
     assert code == 0
     first_row = next(line for line in out.splitlines() if line.startswith("│ 1 "))
     assert "' Paris'" in first_row
+
+
+def test_smollm2_gets_every_shipped_capitals_pair_right(smollm2):
+    pairs = read_pairs("capitals")
+    assert len(pairs) >= 30
+    tokens = tokenize_pairs(smollm2, pairs)  # raises on unequal lengths or multi-token answers
+    assert len({t.length for t in tokens}) == 1  # one length: position sweeps can average over all of them
+    clean = mr.run(smollm2, [p.clean for p in pairs], padding_side="left", last_only=True).logits
+    corrupt = mr.run(smollm2, [p.counterfactual for p in pairs], padding_side="left", last_only=True).logits
+    for t, c, k in zip(tokens, clean, corrupt, strict=True):
+        assert int(c[-1].argmax()) == t.answer  # the clean answer is the top prediction
+        assert k[-1, t.wrong] > k[-1, t.answer]  # the counterfactual flips the preference
+
+
+def test_smollm2_demo_sweep_equals_the_one_cell_loop(smollm2):
+    pair = Pair("The capital of France is", "The capital of Italy is", " Paris", " Rome")
+    result = sweep(smollm2, [pair], "resid_pre")
+    answer, wrong = (single_token(smollm2, a) for a in (pair.answer, pair.wrong))
+
+    def ld(logits):
+        return float(logits[-1, answer] - logits[-1, wrong])
+
+    m_clean, m_corrupt = ld(mr.run(smollm2, pair.clean).logits[0]), ld(mr.run(smollm2, pair.counterfactual).logits[0])
+    sites = [f"layers.{i}.resid_pre" for i in range(smollm2.n_layers)]
+    clean_acts = mr.run(smollm2, pair.clean, record=sites).acts
+    worst = 0.0
+    for layer, site in enumerate(sites):
+        for pos in range(len(result.tokens)):
+
+            def edit(v, ctx, site=site, pos=pos):
+                v = v.clone()
+                v[0, pos] = clean_acts[site][0][pos]
+                return v
+
+            value = ld(mr.run(smollm2, pair.counterfactual, edit={site: edit}).logits[0])
+            worst = max(worst, abs((value - m_corrupt) / (m_clean - m_corrupt) - float(result.effect[layer, pos])))
+    assert worst < 1e-5
+    # The known story: the country token carries the answer until mid-depth, then it moves to the last token.
+    assert float(result.effect[5, 3]) > 0.9 and float(result.effect[-1, -1]) > 0.9
