@@ -244,7 +244,7 @@ def test_cli_patch_writes_json_and_html(capsys, tmp_path, tiny_llama_folder):
         (["--sweep", "heads", "--clean", "The cat sat", "--corrupt", "The dog ran", "--answer", "x"], ["--wrong"]),
         (["--sweep", "heads", "--pairs", "PAIRS_FILE"], ["pairs.jsonl:1: missing field(s) wrong"]),
         (
-            ["--sweep", "heads", "--clean", "The cat sat", "--corrupt", "The dog ran", "--answer", "xy", "--wrong", "q"],
+            ["--sweep", "heads", "--clean", "The cat sat", "--corrupt", "The dog ran", "--answer", "xy", "--wrong=q"],
             ["answer 'xy' is 2 tokens", "single-token"],
         ),
         (["--sweep", "heads", "--pairs", "capitals", "--metric", "accuracy"], ["unknown metric 'accuracy'"]),
