@@ -171,9 +171,7 @@ def test_experiment_is_deterministic_given_the_seed(model):
 
 
 def test_experiment_patches_from_the_clean_run_when_based_on_the_counterfactual(model):
-    result = experiment(
-        model, PAIRS, {"restore": [Patch("layers.0.resid_pre", source="clean")]}, base="counterfactual"
-    )
+    result = experiment(model, PAIRS, {"restore": [Patch("layers.0.resid_pre", source="clean")]}, base="counterfactual")
     assert result.component("restore").effects == [1.0] * len(PAIRS)
 
 
