@@ -170,7 +170,7 @@ def test_bad_interventions(model):
         run_with(model, "hill", [Patch("layers.1.mlp.out", positions=3)], sources={"counterfactual": "hi"})
     with pytest.raises(BadInputError, match="needs pool="):
         run_with(model, "hi", [Resample("layers.1.mlp.out")])
-    with pytest.raises(BadInputError, match="heads= applies to attn.heads"):
+    with pytest.raises(BadInputError, match="heads= applies to attn.q, attn.k, attn.v, attn.pattern, attn.heads sites"):
         run_with(model, "hi", [Zero("layers.1.mlp.out", heads=[0])])
     with pytest.raises(BadInputError, match="direction for 'layers.1.resid_post' has 3 values"):
         run_with(model, "hi", [AddDirection("layers.1.resid_post", direction=[1.0, 2.0, 3.0])])

@@ -18,7 +18,7 @@ def test_smollm2_logits_bit_identical_with_every_site_recorded(smollm2):
     result = mr.run(smollm2, "The capital of France is", record=["*"])
     plain = smollm2.hf(input_ids=result.tokens[0][None]).logits[0]
     assert torch.equal(result.logits[0], plain)
-    assert len(result.acts) == 2 + 9 * 30 + 1
+    assert len(result.acts) == 2 + 12 * 30 + 1  # embed, final, logits and 12 kinds per layer
 
 
 def _relative_error_per_token(x, y):

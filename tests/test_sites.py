@@ -73,6 +73,63 @@ def test_heads_projected_through_output_matrix_sum_to_attn_out(family_model):
         torch.testing.assert_close(total.float(), acts[f"layers.{i}.attn.out"][0], rtol=0, atol=1e-4)
 
 
+def test_values_weighted_by_the_pattern_give_the_head_outputs(family_model):
+    """attn.v and attn.pattern, read independently, multiply to attn.heads (each head reads its key-value group)."""
+    m = family_model
+    acts = mr.run(m, PROMPTS[0], record=["layers.*.attn.v", "layers.*.attn.pattern", "layers.*.attn.heads"]).acts
+    group = m.n_heads // m.n_kv_heads
+    for i in range(m.n_layers):
+        v = acts[f"layers.{i}.attn.v"][0]  # [pos, kv_head, d_head]
+        pattern = acts[f"layers.{i}.attn.pattern"][0]  # [head, q, k]
+        expected = torch.einsum("hqk,khd->qhd", pattern, v.repeat_interleave(group, dim=1))
+        torch.testing.assert_close(acts[f"layers.{i}.attn.heads"][0], expected, rtol=0, atol=1e-5)
+
+
+def _projection_rows(m, layer, part, head):
+    """The projection module and the output features that make head `head` of q (0), k (1) or v (2)."""
+    layout, d = m.adapter.qkv_layout, m.d_head
+    if layout == "separate":
+        return m.layer_module(layer, m.adapter.qkv[part]), slice(head * d, (head + 1) * d)
+    if layout == "concat":
+        offset = [0, m.n_heads * d, (m.n_heads + m.n_kv_heads) * d][part]
+        return m.layer_module(layer, m.adapter.qkv[0]), slice(offset + head * d, offset + (head + 1) * d)
+    start = head * 3 * d + part * d  # GPT-NeoX: per head, q | k | v
+    return m.layer_module(layer, m.adapter.qkv[0]), slice(start, start + d)
+
+
+@pytest.mark.parametrize("part", [0, 1, 2])
+def test_zeroing_a_query_key_or_value_head_equals_zeroing_its_projection_rows(family_model, part):
+    m = family_model
+    kind = "attn." + "qkv"[part]
+    site, head = f"layers.1.{kind}", 1
+
+    def zero_head(v, ctx):
+        v = v.clone()
+        v[:, :, head] = 0.0
+        return v
+
+    edited = mr.run(m, PROMPTS[2], edit={site: zero_head}).logits[0]
+    module, rows = _projection_rows(m, 1, part, head)
+    weight = module.weight
+    saved = weight.detach().clone(), None if module.bias is None else module.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            if type(module).__name__ == "Conv1D":  # GPT-2 stores [in, out]
+                weight[:, rows] = 0.0
+            else:
+                weight[rows] = 0.0
+            if module.bias is not None:
+                module.bias[rows] = 0.0
+        expected = mr.run(m, PROMPTS[2]).logits[0]
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved[0])
+            if saved[1] is not None:
+                module.bias.copy_(saved[1])
+    torch.testing.assert_close(edited, expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(edited, mr.run(m, PROMPTS[2]).logits[0])
+
+
 def test_attention_pattern_rows_sum_to_one_and_equal_eager_weights(family_model):
     m = family_model
     batch = m.tokenize(PROMPTS, padding_side="left")

@@ -314,10 +314,13 @@ def _source_values(
     return prompt_values[chosen]
 
 
+HEAD_KINDS = ("attn.q", "attn.k", "attn.v", "attn.pattern", "attn.heads")
+
+
 def _check_axes(iv: Intervention, site: str) -> None:
     kind = parse_site(site).kind
-    if iv.heads is not None and kind not in ("attn.heads", "attn.pattern"):
-        raise BadInputError(f"heads= applies to attn.heads and attn.pattern sites, not '{site}'")
+    if iv.heads is not None and kind not in HEAD_KINDS:
+        raise BadInputError(f"heads= applies to {', '.join(HEAD_KINDS)} sites, not '{site}'")
 
 
 def _index(iv: Intervention, pattern: bool, key_offset: int, n_keys: int, device) -> tuple:

@@ -137,6 +137,31 @@ def _on_input(site_hooks: _SiteHooks, site: str, reshape: tuple[int, ...] | None
     return hook
 
 
+def _on_qkv(site_hooks: _SiteHooks, site: str, part: int, layout: str, model: Model) -> Callable:
+    """Output hook on a q/k/v projection: the site sees `[batch, pos, heads, d_head]`, also out of fused outputs."""
+    d_head, n_q, n_kv = model.d_head, model.n_heads, model.n_kv_heads
+
+    def hook(module, args, output):
+        if layout == "separate":
+            pieces, piece = None, output
+        elif layout == "concat":  # q | k | v along the last axis
+            pieces = list(output.split([n_q * d_head, n_kv * d_head, n_kv * d_head], dim=-1))
+            piece = pieces[part]
+        else:  # per_head: [..., head, q | k | v]
+            pieces = list(output.reshape(*output.shape[:-1], n_q, 3 * d_head).split(d_head, dim=-1))
+            piece = pieces[part]
+        shaped = piece if layout == "per_head" else piece.reshape(*piece.shape[:-1], -1, d_head)
+        new = site_hooks.apply(site, shaped)
+        if new is shaped:
+            return None
+        if pieces is None:
+            return new.reshape(output.shape)
+        pieces[part] = new.reshape(piece.shape)
+        return torch.cat(pieces, dim=-1).reshape(output.shape)
+
+    return hook
+
+
 def _resid_mid_hooks(site_hooks: _SiteHooks, site: str, norm: nn.Module, layer: nn.Module, stack: ExitStack) -> None:
     """resid_mid is read at the input of the MLP's norm; an edit must also reach the residual the layer returns.
 
@@ -214,6 +239,11 @@ def hooked(
             sub = layer.get_submodule
             if info.kind == "resid_pre":
                 on_input(layer, site)
+            elif info.kind in ("attn.q", "attn.k", "attn.v"):
+                part = "qkv".index(info.kind[-1])
+                module = sub(adapter.qkv[part if adapter.qkv_layout == "separate" else 0])
+                handle = module.register_forward_hook(_on_qkv(site_hooks, site, part, adapter.qkv_layout, model))
+                stack.callback(handle.remove)
             elif info.kind == "attn.pattern":
                 rewrite = site in edit or site in grad
 

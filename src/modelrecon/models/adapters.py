@@ -28,13 +28,26 @@ class Adapter:
     mlp_out: str  # its output is what the MLP adds to the residual stream
     down_proj: str  # its input is `mlp.neurons`
     mlp_norm: str  # its input is `resid_mid` (unless the layer uses a parallel residual)
+    # The query/key/value projections: three modules, or one fused module whose output is q|k|v ("concat") or,
+    # per head, q|k|v ("per_head", GPT-NeoX). Their outputs are the attn.q / attn.k / attn.v sites.
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    qkv_layout: str = "separate"
     parallel_residual: Callable[[object], bool] = field(default=lambda config: False)
 
     def top_level_paths(self) -> list[str]:
         return [self.embed, self.layers, self.final_norm]
 
     def layer_paths(self) -> list[str]:
-        paths = [self.attn, self.attn_out, self.o_proj, self.mlp, self.mlp_out, self.down_proj, self.mlp_norm]
+        paths = [
+            self.attn,
+            self.attn_out,
+            self.o_proj,
+            self.mlp,
+            self.mlp_out,
+            self.down_proj,
+            self.mlp_norm,
+            *self.qkv,
+        ]
         return list(dict.fromkeys(paths))  # one module may serve two sites
 
 
@@ -68,6 +81,8 @@ ADAPTERS: list[Adapter] = [
         "phi3",
         ("phi3",),
         **{**_LLAMA_LIKE, "attn_out": "resid_attn_dropout", "mlp_out": "resid_mlp_dropout"},
+        qkv=("self_attn.qkv_proj",),
+        qkv_layout="concat",
     ),
     Adapter(
         "gpt2",
@@ -82,6 +97,8 @@ ADAPTERS: list[Adapter] = [
         mlp_out="mlp",
         down_proj="mlp.c_proj",
         mlp_norm="ln_2",
+        qkv=("attn.c_attn",),
+        qkv_layout="concat",
     ),
     Adapter(
         "gpt_neox",
@@ -96,6 +113,8 @@ ADAPTERS: list[Adapter] = [
         mlp_out="post_mlp_dropout",
         down_proj="mlp.dense_4h_to_h",
         mlp_norm="post_attention_layernorm",
+        qkv=("attention.query_key_value",),
+        qkv_layout="per_head",
         parallel_residual=lambda config: bool(getattr(config, "use_parallel_residual", False)),
     ),
 ]

@@ -106,8 +106,10 @@ class Model:
         kind = parse_site(name).kind
         if kind == "attn.pattern":
             return ("batch", self.n_heads, "q", "k")
-        if kind == "attn.heads":
+        if kind in ("attn.heads", "attn.q"):
             return ("batch", "pos", self.n_heads, self.d_head)
+        if kind in ("attn.k", "attn.v"):
+            return ("batch", "pos", self.n_kv_heads, self.d_head)
         if kind == "mlp.neurons":
             return ("batch", "pos", self.d_mlp)
         if kind == "logits":

@@ -1,8 +1,8 @@
 """Site names: one scheme on every model.
 
-`embed`, then per layer i `layers.{i}.resid_pre`, `.attn.pattern`, `.attn.heads`, `.attn.out`, `.resid_mid`,
-`.mlp.in`, `.mlp.neurons`, `.mlp.out`, `.resid_post`, then `final` and `logits`. Patterns use shell globs
-(`layers.*.resid_post`, `layers.1[0-2].mlp.out`).
+`embed`, then per layer i `layers.{i}.resid_pre`, `.attn.q`, `.attn.k`, `.attn.v`, `.attn.pattern`, `.attn.heads`,
+`.attn.out`, `.resid_mid`, `.mlp.in`, `.mlp.neurons`, `.mlp.out`, `.resid_post`, then `final` and `logits`.
+Patterns use shell globs (`layers.*.resid_post`, `layers.1[0-2].mlp.out`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from modelrecon.errors import UnknownSiteError
 
 LAYER_SITE_KINDS = (
     "resid_pre",
+    "attn.q",
+    "attn.k",
+    "attn.v",
     "attn.pattern",
     "attn.heads",
     "attn.out",
@@ -28,6 +31,9 @@ LAYER_SITE_KINDS = (
 SITE_DOCS = {
     "embed": "output of the token embedding module",
     "resid_pre": "residual stream entering the layer",
+    "attn.q": "per-head queries (query projection output, before rotary embedding)",
+    "attn.k": "per-key-value-head keys (key projection output, before rotary embedding)",
+    "attn.v": "per-key-value-head values (value projection output)",
     "attn.pattern": "attention probabilities (softmax output)",
     "attn.heads": "per-head attention outputs before the output projection",
     "attn.out": "what attention adds to the residual stream",
