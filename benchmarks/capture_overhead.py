@@ -22,7 +22,6 @@ import os
 import platform
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import torch
 import modelrecon as mr
 from modelrecon.models.embedded import EMBEDDED
 from modelrecon.models.loading import gguf_to_folder
-from peers.common import side_by_side
+from peers.common import run_peer_script, side_by_side
 
 MODEL = "smollm2-135m"
 HERE = Path(__file__).resolve().parent
@@ -202,19 +201,7 @@ def run_peer(tool: str, model_dir: Path, tokens_file: Path, work: Path, args, re
         "--warmup",
         str(args.warmup),
     ]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "WANDB_MODE": "disabled",
-    }
-    print(f"[{tool}] running {' '.join(command[:2])} ...", flush=True)
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.peer_timeout)
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-        print(f"[{tool}] FAILED (exit {done.returncode}); last lines:\n{tail}")
+    if not run_peer_script(tool, command, args.peer_timeout):
         return []
     result = json.loads((out / "result.json").read_text())
     last = torch.load(out / "last_resid_post.pt", weights_only=True)

@@ -14,6 +14,7 @@ from modelrecon.counterfactual import (
     Scale,
     Zero,
     experiment,
+    path_patch,
     read_pairs,
     sweep,
     tokenize_pairs,
@@ -132,6 +133,56 @@ def test_position_sweep_rejects_pairs_of_different_lengths(model):
     with pytest.raises(BadInputError, match="a position sweep needs pairs of one token length"):
         sweep(model, pairs, "resid_pre")
     assert sweep(model, pairs, "heads").effect.shape == (model.n_layers, model.n_heads)
+
+
+def _sender_delta(model, pair, layer, head):
+    """What a sender adds to the residual stream in the clean run minus the counterfactual run (independently)."""
+    if head is None:
+        site = f"layers.{layer}.mlp.out"
+        clean, cf = (mr.run(model, p, record=[site]).acts[site][0] for p in (pair.clean, pair.counterfactual))
+        return clean - cf
+    site = f"layers.{layer}.attn.heads"
+    clean, cf = (mr.run(model, p, record=[site]).acts[site][0][:, head] for p in (pair.clean, pair.counterfactual))
+    w_o = model.layer_module(layer, "self_attn.o_proj").weight[:, head * model.d_head : (head + 1) * model.d_head]
+    return (clean - cf) @ w_o.T
+
+
+@pytest.mark.parametrize(("layer", "head"), [(0, 1), (1, 3), (1, None)])
+def test_path_patching_to_the_logits_is_the_direct_effect(model, layer, head):
+    pair = PAIRS[2]
+    result = path_patch(model, [pair], "logits", senders="heads" if head is not None else "mlp")
+    k = next(i for i, c in enumerate(result.cells) if c.layer == layer and c.head == head)
+    # Oracle: the counterfactual's last residual plus the sender's difference, through the final norm and unembedding.
+    last = f"layers.{model.n_layers - 1}.resid_post"
+    resid = mr.run(model, pair.counterfactual, record=[last]).acts[last][0]
+    with torch.no_grad():
+        logits = model.hf.lm_head(model.hf.model.norm(resid + _sender_delta(model, pair, layer, head)))
+    assert result.values[0, k] == pytest.approx(_logit_diff(model, logits, pair), abs=1e-5)
+
+
+def test_path_patching_to_a_receiver_query(model):
+    pair, (layer, head), (r_layer, r_head) = PAIRS[3], (0, 2), (2, 1)
+    result = path_patch(model, [pair], [f"layers.{r_layer}.attn.q:{r_head}"])
+    assert result.shape == (r_layer, model.n_heads) and len(result.cells) == r_layer * model.n_heads
+    k = next(i for i, c in enumerate(result.cells) if c.layer == layer and c.head == head)
+    # Oracle: the receiver's query computed from the counterfactual's resid_pre plus the sender's difference.
+    site = f"layers.{r_layer}.resid_pre"
+    resid = mr.run(model, pair.counterfactual, record=[site]).acts[site][0] + _sender_delta(model, pair, layer, head)
+    attn_layer = model.layers[r_layer]
+    with torch.no_grad():
+        query = attn_layer.self_attn.q_proj(attn_layer.input_layernorm(resid)).reshape(len(resid), -1, model.d_head)
+
+    def patch_query(v, ctx):
+        v = v.clone()
+        v[0, :, r_head] = query[:, r_head]
+        return v
+
+    expected = mr.run(model, pair.counterfactual, edit={f"layers.{r_layer}.attn.q": patch_query}).logits[0]
+    assert result.values[0, k] == pytest.approx(_logit_diff(model, expected, pair), abs=1e-5)
+    with pytest.raises(BadInputError, match="bad receiver 'layers.2.mlp.out:1'"):
+        path_patch(model, [pair], ["layers.2.mlp.out:1"])
+    with pytest.raises(BadInputError, match="head 9 is out of range"):
+        path_patch(model, [pair], ["layers.2.attn.v:9"])
 
 
 def test_experiment_sanity_checks_and_exact_components(model):

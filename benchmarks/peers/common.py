@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import resource
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,13 +98,11 @@ def write_peer_result(
     out: str | Path, captured: list[torch.Tensor], tool_package: str, timings: Timings, **fields
 ) -> None:
     """write_result with what every peer reports: versions, threads, what it captured, the timings."""
-    from importlib.metadata import version
-
     write_result(
         out,
         captured[-1],
         tool_package=tool_package,
-        versions={p: version(p) for p in (tool_package, "transformers", "torch")},
+        versions=versions(tool_package),
         threads=torch.get_num_threads(),
         n_captured=len(captured),
         shape=list(captured[0].shape),
@@ -119,4 +118,49 @@ def write_result(out: str | Path, last_resid_post: torch.Tensor, **fields) -> No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(last_resid_post.detach().cpu().contiguous(), out / "last_resid_post.pt")
+    write_json(out, **fields)
+
+
+def write_json(out: str | Path, **fields) -> None:
+    """result.json alone, in the folder `out` (created if need be)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(fields, indent=2))
+
+
+def versions(tool_package: str) -> dict[str, str]:
+    """Installed versions of the peer's package, transformers and torch, in the venv this runs in."""
+    from importlib.metadata import version
+
+    return {p: version(p) for p in (tool_package, "transformers", "torch")}
+
+
+# Everything offline and quiet: the peers load the local model folder, never the hub.
+PEER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "disabled",
+}
+
+
+def run_peer_script(tool: str, command: list[str], timeout: float) -> bool:
+    """Run a peer's script (started by the main benchmark, in the peer's venv); on failure print its last lines."""
+    env = {**os.environ, **PEER_ENV}
+    print(f"[{tool}] running {' '.join(command[:2])} ...", flush=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        print(f"[{tool}] FAILED (exit {done.returncode}); last lines:\n{tail}")
+    return done.returncode == 0
+
+
+# The one prompt pair of the activation-patching benchmark (`patch_sweep.py` and its peer `tl_patching.py`): the two
+# prompts must tokenise to the same length, the answers to one token each.
+PATCH_PAIR = {
+    "clean": "The capital of France is",
+    "corrupted": "The capital of Italy is",
+    "answer": " Paris",
+    "wrong": " Rome",
+}

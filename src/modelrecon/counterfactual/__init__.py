@@ -23,7 +23,7 @@ from modelrecon.counterfactual.interventions import (
     to_json,
 )
 from modelrecon.counterfactual.pairs import Pair, pair_from_dict, read_pairs, tokenize_pairs
-from modelrecon.counterfactual.sweep import SWEEPS, Cell, SweepResult, sweep
+from modelrecon.counterfactual.sweep import SWEEPS, Cell, SweepResult, path_patch, sweep
 
 __all__ = [
     "SWEEPS",
@@ -34,6 +34,7 @@ __all__ = [
     "SweepResult",
     "experiment",
     "pair_from_dict",
+    "path_patch",
     "read_pairs",
     "sweep",
     "tokenize_pairs",

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from modelrecon.counterfactual.experiment import _batches, _scores, run_pairs
-from modelrecon.counterfactual.interventions import Patch, edits_for
+from modelrecon.counterfactual.interventions import Intervention, Patch, Sources, edits_for
 from modelrecon.counterfactual.metrics import ItemMetric, ScoredItem, item_metric
 from modelrecon.counterfactual.pairs import Pair, PairTokens, tokenize_pairs
 from modelrecon.counterfactual.stats import bootstrap
 from modelrecon.errors import BadInputError
 from modelrecon.hooks.run import run
 from modelrecon.models.model import Model
-from modelrecon.models.sites import site_name
+from modelrecon.models.sites import parse_site, site_name
 from modelrecon.progress import token_progress
 
 # sweep name -> site kind
@@ -67,6 +68,7 @@ class SweepResult:
     ci_low: np.ndarray  # [cells]
     ci_high: np.ndarray
     shape: tuple[int, int]  # (layers, positions) or (layers, heads)
+    receivers: list[str] | None = None  # path patching: what the senders' paths end in
 
     @property
     def effect(self) -> torch.Tensor:
@@ -97,6 +99,7 @@ class SweepResult:
             "n_pairs": int(self.values.shape[0]),
             "tokens": self.tokens,
             "shape": list(self.shape),
+            **({"receivers": self.receivers} if self.receivers else {}),
             "results": results,
         }
 
@@ -137,9 +140,7 @@ def sweep(
 
     batch_size: patched rows per forward pass (default: about 512 tokens per pass).
     """
-    if direction not in DIRECTIONS:
-        raise BadInputError(f"direction must be 'denoise' or 'noise', not {direction!r}")
-    metric_name, fn = item_metric(metric)
+    _check_options(direction, metric)
     tokens = tokenize_pairs(model, pairs)
     lengths = {t.length for t in tokens}
     if kind != "heads" and len(lengths) > 1:
@@ -148,36 +149,181 @@ def sweep(
             "sweep each length separately or use --sweep heads"
         )
     cells, shape = sweep_cells(model, kind, tokens[0].length)
-    rows = batch_size or max(1, 512 // max(lengths))
-    base, source = ("counterfactual", "clean") if direction == "denoise" else ("clean", "counterfactual")
-    sites = sorted({c.site for c in cells})
 
+    def score(pair, base, chunk, acts, item, fn):
+        rows = [[cell.intervention()] for cell in chunk]
+        return _scores_with(model, pair, base, rows, {"source": acts["source"]}, item, fn)
+
+    sites = sorted({c.site for c in cells})
+    return _run_sweep(
+        model, tokens, kind, cells, shape, score, {"source": sites}, direction, metric, batch_size, seed, n_boot,
+        progress,
+    )  # fmt: skip
+
+
+def path_patch(
+    model: Model,
+    pairs: list[Pair],
+    receivers: str | list[str] = "logits",
+    *,
+    senders: str = "heads",
+    direction: str = "denoise",
+    metric: str | ItemMetric = "logit_diff",
+    batch_size: int | None = None,
+    seed: int = 0,
+    n_boot: int = 1000,
+    progress: bool = False,
+) -> SweepResult:
+    """Path patching: the effect of each sender (every head, or every MLP) through one path only.
+
+    receivers: "logits" (the sender's direct effect: every attention and MLP output after it is frozen to the base
+    run), or receiver heads' inputs as "layers.L.attn.q:H" (also attn.k / attn.v). For receiver inputs the sender is
+    patched with everything after it frozen, the receivers' q/k/v are recorded from that run, and a clean run of the
+    base prompt with only those receiver inputs patched gives the metric. Senders are the heads (or MLPs) of the
+    layers before the first receiver. The path is the residual stream only: MLPs on it are frozen too.
+    """
+    _check_options(direction, metric)
+    if senders not in ("heads", "mlp"):
+        raise BadInputError(f"senders must be 'heads' or 'mlp', not {senders!r}")
+    targets = _parse_receivers(model, receivers)
+    tokens = tokenize_pairs(model, pairs)
+    last = model.n_layers if not targets else min(parse_site(site).layer for site, _ in targets)
+    if last == 0:
+        raise BadInputError("receivers in layer 0 have no earlier senders; choose receivers in a later layer")
+    if senders == "heads":
+        cells = [c for c in sweep_cells(model, "heads", 0)[0] if c.layer < last]
+    else:  # every position of each MLP's output
+        cells = [Cell(site_name("mlp.out", layer), layer, None) for layer in range(last)]
+    shape = (last, model.n_heads if senders == "heads" else 1)
+    frozen = [site_name(k, layer) for layer in range(model.n_layers) for k in ("attn.out", "mlp.out")]
+
+    def score(pair, base, chunk, acts, item, fn):
+        first = [[cell.intervention(), *_freeze_after(cell, model)] for cell in chunk]
+        sources = {"source": acts["source"], "base": acts["base"]}
+        if not targets:
+            return _scores_with(model, pair, base, first, sources, item, fn)
+        sites = sorted({site for site, _ in targets})
+        batch = model.batch_from_ids([getattr(pair, base)] * len(chunk))
+        edits = edits_for(model, batch, first, _repeat(sources, len(chunk)))
+        recorded = run(model, batch, record=sites, edit=edits, last_only=True).acts
+        second = [[Patch(site, heads=[head], source="path") for site, head in targets]] * len(chunk)
+        return _scores_with(model, pair, base, second, {"path": recorded}, item, fn, repeat=False)
+
+    sender_sites = sorted({c.site for c in cells})
+    label = "path " + ("logits" if not targets else ",".join(f"{s}:{h}" for s, h in targets))
+    result = _run_sweep(
+        model, tokens, label, cells, shape, score, {"source": sender_sites, "base": frozen}, direction, metric,
+        batch_size, seed, n_boot, progress,
+    )  # fmt: skip
+    result.receivers = ["logits"] if not targets else [f"{s}:{h}" for s, h in targets]
+    return result
+
+
+def _check_options(direction: str, metric: str | ItemMetric) -> None:
+    """Fail on a bad option before any model work starts."""
+    if direction not in DIRECTIONS:
+        raise BadInputError(f"direction must be 'denoise' or 'noise', not {direction!r}")
+    item_metric(metric)
+
+
+def _parse_receivers(model: Model, receivers: str | list[str]) -> list[tuple[str, int]]:
+    """[] for the logits, else (site, head) per receiver "layers.L.attn.q:H"."""
+    if receivers == "logits" or receivers == ["logits"]:
+        return []
+    out = []
+    for spec in [receivers] if isinstance(receivers, str) else receivers:
+        site, _, head = spec.partition(":")
+        kinds = ("attn.q", "attn.k", "attn.v")
+        if not head.isdigit() or site not in model.site_names() or parse_site(site).kind not in kinds:
+            raise BadInputError(
+                f"bad receiver {spec!r}: use 'logits' or a head's input like 'layers.5.attn.q:3' (attn.q, .k, .v)"
+            )
+        limit = model.n_heads if parse_site(site).kind == "attn.q" else model.n_kv_heads
+        if int(head) >= limit:
+            raise BadInputError(f"receiver {spec!r}: head {head} is out of range; {site} has heads 0..{limit - 1}")
+        out.append((site, int(head)))
+    return out
+
+
+def _freeze_after(cell: Cell, model: Model) -> list[Patch]:
+    """Patches that hold every attention and MLP output after the sender at its base-run value."""
+    first_attn = cell.layer + 1
+    first_mlp = cell.layer + (1 if parse_site(cell.site).kind == "mlp.out" else 0)
+    return [Patch(site_name("attn.out", i), source="base") for i in range(first_attn, model.n_layers)] + [
+        Patch(site_name("mlp.out", i), source="base") for i in range(first_mlp, model.n_layers)
+    ]
+
+
+def _repeat(sources: Sources, n: int) -> Sources:
+    """Sources recorded on one prompt, repeated for the n rows of a sweep batch."""
+    return {name: {site: values * n for site, values in by_site.items()} for name, by_site in sources.items()}
+
+
+def _scores_with(
+    model: Model,
+    pair: PairTokens,
+    base: str,
+    rows: list[list[Intervention]],
+    sources: Sources,
+    item: ScoredItem,
+    fn: ItemMetric,
+    repeat: bool = True,
+) -> list[float]:
+    """The metric on one batch of the base prompt, row r carrying the interventions rows[r]."""
+    batch = model.batch_from_ids([getattr(pair, base)] * len(rows))
+    edits = edits_for(model, batch, rows, _repeat(sources, len(rows)) if repeat else sources)
+    logits = run(model, batch, edit=edits, last_only=True).logits
+    return _scores(logits, [item] * len(rows), fn)
+
+
+def _run_sweep(
+    model: Model,
+    tokens: list[PairTokens],
+    kind: str,
+    cells: list[Cell],
+    shape: tuple[int, int],
+    score: Callable,
+    record: dict[str, list[str]],
+    direction: str,
+    metric: str | ItemMetric,
+    batch_size: int | None,
+    seed: int,
+    n_boot: int,
+    progress: bool,
+) -> SweepResult:
+    """The loop every sweep shares: per pair, record the source and base runs, score the cells in batches.
+
+    record: "source" / "base" -> sites to record on that run. score(pair, base_name, cells, acts, item, fn) gives
+    the metric of each cell.
+    """
+    metric_name, fn = item_metric(metric)
+    rows = batch_size or max(1, 512 // max(t.length for t in tokens))
+    base, source = ("counterfactual", "clean") if direction == "denoise" else ("clean", "counterfactual")
     values = np.zeros((len(tokens), len(cells)))
     m_clean, m_corrupt = [], []
     n_runs = len(tokens) * (1 + len(list(_batches(len(cells), rows))))
     with token_progress(n_runs, enabled=progress, label=f"sweep {kind}", unit="runs", rate_unit="run") as advance:
         for j, pair in enumerate(tokens):
-            clean_logits, clean_acts = run_pairs(model, tokens, "clean", sites if source == "clean" else (), items=[j])
-            cf_logits, cf_acts = run_pairs(
-                model, tokens, "counterfactual", sites if source != "clean" else (), items=[j]
-            )
-            item = ScoredItem(pair.answer, pair.wrong, clean_logits[0])
-            m_clean.append(_scores([x[None] for x in clean_logits], [item], fn)[0])
-            m_corrupt.append(_scores([x[None] for x in cf_logits], [item], fn)[0])
-            acts = clean_acts if source == "clean" else cf_acts
+            runs = {}
+            for name, role in ((source, "source"), (base, "base")):
+                runs[name] = run_pairs(model, tokens, name, record.get(role, ()), items=[j])
+            item = ScoredItem(pair.answer, pair.wrong, runs["clean"][0][0])
+            m_clean.append(_scores([runs["clean"][0][0][None]], [item], fn)[0])
+            m_corrupt.append(_scores([runs["counterfactual"][0][0][None]], [item], fn)[0])
+            acts = {"source": runs[source][1], "base": runs[base][1]}
             advance(1)
             for chunk in _batches(len(cells), rows):
-                values[j, chunk] = _patched_scores(model, pair, base, [cells[k] for k in chunk], acts, item, fn)
+                values[j, chunk] = score(pair, base, [cells[k] for k in chunk], acts, item, fn)
                 advance(1)
 
     clean, corrupt = np.array(m_clean)[:, None], np.array(m_corrupt)[:, None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        effects = np.where(clean != corrupt, (values - corrupt) / (clean - corrupt), np.nan)
     if np.all(clean == corrupt):
         raise BadInputError(
             f"{metric_name} is the same on the clean and the corrupt prompt for every pair, so no effect is defined; "
             "choose pairs where the answer changes"
         )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        effects = np.where(clean != corrupt, (values - corrupt) / (clean - corrupt), np.nan)
     with warnings.catch_warnings():  # cells whose effect is undefined for every pair are NaN, by design
         warnings.simplefilter("ignore", RuntimeWarning)
         estimates = bootstrap(effects, n_boot=n_boot, seed=seed)
@@ -195,20 +341,3 @@ def sweep(
         ci_high=np.array([e.ci_high for e in estimates]),
         shape=shape,
     )
-
-
-def _patched_scores(
-    model: Model,
-    pair: PairTokens,
-    base: str,
-    cells: list[Cell],
-    source_acts: dict[str, list[torch.Tensor]],
-    item: ScoredItem,
-    fn: ItemMetric,
-) -> list[float]:
-    """The metric with each cell patched, one cell per row of one batch of the base prompt."""
-    batch = model.batch_from_ids([getattr(pair, base)] * len(cells))
-    sources = {"source": {site: values * len(cells) for site, values in source_acts.items()}}
-    edits = edits_for(model, batch, [[cell.intervention()] for cell in cells], sources)
-    logits = run(model, batch, edit=edits, last_only=True).logits
-    return _scores(logits, [item] * len(cells), fn)
