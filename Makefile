@@ -31,7 +31,10 @@ demo: install
 		--attention --dtype float32 --out $(DEMO_OUT)/capital.zarr
 	$(VENV)/bin/modelrecon cube show $(DEMO_OUT)/capital.zarr --site resid_post --metric norm \
 		--html $(DEMO_OUT)/capital.html
+	$(VENV)/bin/modelrecon patch --clean "$(DEMO_PROMPT)" --corrupt "The capital of Italy is" --answer " Paris" \
+		--wrong " Rome" --sweep resid_pre --json $(DEMO_OUT)/patch.json --html $(DEMO_OUT)/patch.html
 	@echo "activation cube: $(DEMO_OUT)/capital.zarr   view: $(DEMO_OUT)/capital.html (open it in a browser)"
+	@echo "patching sweep: $(DEMO_OUT)/patch.json   heatmap: $(DEMO_OUT)/patch.html"
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

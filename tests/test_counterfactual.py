@@ -307,3 +307,31 @@ def test_cli_patch_bad_input_is_one_line(capsys, tmp_path, tiny_llama_folder, ex
     code, _, err = cli(capsys, "patch", "--model", tiny_llama_folder, "--json", out, *extra)
     assert_one_line_error(code, err, *fragments)
     assert list(tmp_path.iterdir()) == [pairs_file]  # nothing half-written
+
+
+def test_custom_metric_callable(model):
+    def answer_logit(logits, item):
+        return logits[item.answer]
+
+    result = experiment(model, PAIRS[:3], {"zero": [Zero("layers.0.mlp.out")]}, metric=answer_logit)
+    assert result.metric == "answer_logit"
+    for j, pair in enumerate(PAIRS[:3]):
+        answer = model.tokenizer.convert_tokens_to_ids(pair.answer)
+        expected = float(mr.run(model, pair.clean).logits[0][-1, answer])
+        assert result.clean[j] == pytest.approx(expected, abs=1e-5)
+
+
+def test_cli_experiment(capsys, tmp_path, tiny_llama_folder):
+    pairs_file, components, out = tmp_path / "pairs.jsonl", tmp_path / "components.json", tmp_path / "result.json"
+    pairs_file.write_text("".join(json.dumps(vars(p)) + "\n" for p in PAIRS))
+    components.write_text(json.dumps({"input": [{"op": "patch", "site": "layers.0.resid_pre"}], "noop": []}))
+    args = ["experiment", "--model", tiny_llama_folder, "--pairs", pairs_file, "--components", components]
+    code, stdout, _ = cli(capsys, *args, "--json", out)
+    assert code == 0 and "no-op exact True, full patch exact True" in stdout
+    data = json.loads(out.read_text())
+    effects = {c["name"]: c["effects"] for c in data["components"]}
+    assert effects == {"input": [0.0] * len(PAIRS), "noop": [1.0] * len(PAIRS)}
+    components.write_text(json.dumps({"bad": [{"op": "zap", "site": "embed"}]}))
+    code, _, err = cli(capsys, *args, "--json", tmp_path / "other.json")
+    assert_one_line_error(code, err, "unknown intervention op")
+    assert not (tmp_path / "other.json").exists()

@@ -1,7 +1,9 @@
-"""The examples in the README and docs/ run: python blocks in order per file, `modelrecon ...` lines via the CLI."""
+"""The examples in the README and docs/ run: python blocks in order per file, `modelrecon ...` lines via the CLI
+(and `echo ... > file` lines, which write the files the commands read)."""
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,10 +40,16 @@ def test_python_examples_run(path, docs_dir):
 
 @pytest.mark.parametrize("path", [p for p in DOCS if blocks(p, "bash")], ids=lambda p: p.name)
 def test_cli_examples_run(path, docs_dir):
-    commands = [line.split("#")[0].strip() for code in blocks(path, "bash") for line in code.splitlines()]
-    commands = [c for c in commands if c.startswith("modelrecon ")]
+    lines = [line for code in blocks(path, "bash") for line in code.splitlines()]
+    commands = [line.split("#")[0].strip() for line in lines if line.startswith("modelrecon ")]
     assert commands or path.name == "README.md"
-    for command in commands:
+    for line in lines:
+        if line.startswith("echo ") and " > " in line:
+            subprocess.run(["bash", "-c", line], cwd=docs_dir, check=True)
+            continue
+        if not line.startswith("modelrecon "):
+            continue
+        command = line.split("#")[0].strip()
         with pytest.raises(SystemExit) as exit_info:
             main(shlex.split(command)[1:])
         assert not exit_info.value.code, command

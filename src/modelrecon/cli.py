@@ -268,6 +268,53 @@ def patch(
         stdout.print(f"wrote {write_sweep_html(result, html_out)}", markup=False)
 
 
+@app.command()
+def experiment(
+    pairs: Annotated[str, typer.Option("--pairs", help="JSONL file of pairs, or a shipped dataset name (capitals)")],
+    components: Annotated[Path, typer.Option("--components", help='JSON file: {"name": [intervention, ...], ...}')],
+    json_out: Annotated[Path, typer.Option("--json", help="the JSON result file to write")],
+    model: ModelOption = DEFAULT_MODEL,
+    base: Annotated[str, typer.Option(help="the input the interventions apply to: clean or counterfactual")] = "clean",
+    metric: Annotated[str, typer.Option(help="logit_diff, prob, logprob, rank, top1 or kl")] = "logit_diff",
+    batch_size: Annotated[int, typer.Option(min=1, help="pairs per forward pass")] = 16,
+    seed: Annotated[int, typer.Option(help="seed of the bootstrap, the tests and resampling")] = 0,
+) -> None:
+    """Run components (lists of interventions) over prompt pairs: effects, intervals, tests and sanity checks."""
+    import json
+
+    from modelrecon.counterfactual.experiment import experiment as run_experiment
+    from modelrecon.counterfactual.interventions import components_from_json
+    from modelrecon.counterfactual.pairs import read_pairs
+    from modelrecon.errors import BadInputError
+    from modelrecon.files import write_text_atomic
+
+    if not components.is_file():
+        raise BadInputError(f"components file {components} does not exist; give a JSON file of named interventions")
+    parsed = components_from_json(components.read_text(encoding="utf-8"))
+    pair_list = read_pairs(pairs)
+    loaded = _load(model)
+    result = run_experiment(
+        loaded, pair_list, parsed, metric=metric, base=base, batch_size=batch_size, seed=seed, progress=True
+    )
+    write_text_atomic(json_out, json.dumps({"model": loaded.name, **result.to_dict()}, indent=1))
+    sanity = result.sanity
+    stdout.print(
+        f"{result.metric} over {len(pair_list)} pairs; sanity: no-op exact {sanity['noop_exact']}, "
+        f"full patch exact {sanity['full_patch_exact']}",
+        markup=False,
+    )
+    for note in sanity["notes"]:
+        stdout.print(f"warning: {note}", markup=False)
+    table = Table("component", "effect", "95% CI", "p", "p (Holm)")
+    for c in result.components:
+        table.add_row(
+            escape(c.name), f"{c.effect:.3f}", f"[{c.ci_low:.3f}, {c.ci_high:.3f}]", f"{c.p_value:.3g}",
+            f"{c.p_adjusted:.3g}",
+        )  # fmt: skip
+    stdout.print(table)
+    stdout.print(f"wrote {json_out}", markup=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

@@ -3,6 +3,7 @@ so an error or Ctrl-C never leaves a half-written file."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -32,3 +33,14 @@ def write_text_atomic(out: str | Path, text: str) -> Path:
     with atomic_target(out, Path(out).suffix or ".tmp") as temp:
         temp.write_text(text, encoding="utf-8")
     return Path(out)
+
+
+def json_safe(value):
+    """A copy of nested dicts/lists with NaN and infinities as None: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

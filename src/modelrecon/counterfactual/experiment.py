@@ -23,6 +23,7 @@ from modelrecon.counterfactual.metrics import ItemMetric, ScoredItem, item_metri
 from modelrecon.counterfactual.pairs import Pair, PairTokens, tokenize_pairs
 from modelrecon.counterfactual.stats import bootstrap, holm, paired_sign_flip_p
 from modelrecon.errors import BadInputError
+from modelrecon.files import json_safe
 from modelrecon.hooks.run import run
 from modelrecon.models.model import Model
 from modelrecon.models.sites import parse_site
@@ -62,10 +63,11 @@ class ExperimentResult:
         raise BadInputError(f"no component {name!r}; the components are {[c.name for c in self.components]}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain data for JSON; undefined effects (clean == counterfactual) are None."""
+        return json_safe(asdict(self))
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, allow_nan=True)
+        return json.dumps(self.to_dict(), indent=1)
 
 
 def _batches(n: int, size: int) -> Iterator[list[int]]:

@@ -189,6 +189,17 @@ def from_json(text: str) -> list[Intervention]:
     return [Intervention.from_dict(d) for d in data]
 
 
+def components_from_json(text: str) -> dict[str, list[Intervention]]:
+    """Named lists of interventions: `{"name": [{"op": ...}, ...], ...}` (what `modelrecon experiment` reads)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"components are not valid JSON ({exc.msg}); give an object of named lists") from None
+    if not isinstance(data, dict) or not data:
+        raise BadInputError('components JSON must be a non-empty object like {"ablate mlp 3": [{"op": "zero", ...}]}')
+    return {name: from_json(json.dumps(ivs)) for name, ivs in data.items()}
+
+
 # --- applying them ------------------------------------------------------------------------------------------------
 def resolve_positions(spec: PositionSpec, token_texts: list[str], n_prompt: int | None = None) -> list[int]:
     """Positions (0-based) that a position spec selects among a prompt's tokens.

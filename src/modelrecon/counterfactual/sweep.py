@@ -22,6 +22,7 @@ from modelrecon.counterfactual.metrics import ItemMetric, ScoredItem, item_metri
 from modelrecon.counterfactual.pairs import Pair, PairTokens, tokenize_pairs
 from modelrecon.counterfactual.stats import bootstrap
 from modelrecon.errors import BadInputError
+from modelrecon.files import json_safe
 from modelrecon.hooks.run import run
 from modelrecon.models.model import Model
 from modelrecon.models.sites import parse_site, site_name
@@ -54,6 +55,13 @@ class Cell:
         )
 
 
+def _nanmean(effects: np.ndarray) -> np.ndarray:
+    """Mean over pairs, leaving out undefined effects; NaN (quietly) where no pair defines one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(effects, axis=0)
+
+
 @dataclass
 class SweepResult:
     kind: str
@@ -73,43 +81,40 @@ class SweepResult:
     @property
     def effect(self) -> torch.Tensor:
         """Mean normalised effect as a grid `[layer, position]` (or `[layer, head]`)."""
-        return torch.tensor(np.nanmean(self.effects, axis=0)).reshape(self.shape)
+        return torch.tensor(_nanmean(self.effects)).reshape(self.shape)
 
     def to_dict(self) -> dict:
         mean_value = self.values.mean(axis=0)
-        mean_effect = np.nanmean(self.effects, axis=0)
+        mean_effect = _nanmean(self.effects)
         results = []
         for k, cell in enumerate(self.cells):
             row = {"site": cell.site, "layer": cell.layer, "position": cell.position}
             if cell.head is not None:
                 row["head"] = cell.head
             row |= {
-                "value": _number(mean_value[k]),
-                "effect": _number(mean_effect[k]),
-                "ci_low": _number(self.ci_low[k]),
-                "ci_high": _number(self.ci_high[k]),
+                "value": float(mean_value[k]),
+                "effect": float(mean_effect[k]),
+                "ci_low": float(self.ci_low[k]),
+                "ci_high": float(self.ci_high[k]),
             }
             results.append(row)
-        return {
-            "kind": self.kind,
-            "direction": self.direction,
-            "metric": self.metric,
-            "clean": self.clean,
-            "corrupt": self.corrupt,
-            "n_pairs": int(self.values.shape[0]),
-            "tokens": self.tokens,
-            "shape": list(self.shape),
-            **({"receivers": self.receivers} if self.receivers else {}),
-            "results": results,
-        }
+        return json_safe(
+            {  # an effect that is undefined (clean == corrupt) becomes null
+                "kind": self.kind,
+                "direction": self.direction,
+                "metric": self.metric,
+                "clean": self.clean,
+                "corrupt": self.corrupt,
+                "n_pairs": int(self.values.shape[0]),
+                "tokens": self.tokens,
+                "shape": list(self.shape),
+                **({"receivers": self.receivers} if self.receivers else {}),
+                "results": results,
+            }
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
-
-
-def _number(x: float) -> float | None:
-    """JSON has no NaN: an effect that is undefined (clean == corrupt) is written as null."""
-    return float(x) if np.isfinite(x) else None
 
 
 def sweep_cells(model: Model, kind: str, n_positions: int) -> tuple[list[Cell], tuple[int, int]]:
