@@ -44,7 +44,7 @@ def test_cli_examples_run(path, docs_dir):
     commands = [line.split("#")[0].strip() for line in lines if line.startswith("modelrecon ")]
     assert commands or path.name == "README.md"
     for line in lines:
-        if line.startswith("echo ") and " > " in line:
+        if line.startswith("echo ") and (" > " in line or " >> " in line):
             subprocess.run(["bash", "-c", line], cwd=docs_dir, check=True)
             continue
         if not line.startswith("modelrecon "):
