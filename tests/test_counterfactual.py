@@ -335,3 +335,21 @@ def test_cli_experiment(capsys, tmp_path, tiny_llama_folder):
     code, _, err = cli(capsys, *args, "--json", tmp_path / "other.json")
     assert_one_line_error(code, err, "unknown intervention op")
     assert not (tmp_path / "other.json").exists()
+
+
+@pytest.mark.parametrize("senders", ["heads", "mlp"])
+def test_cli_path_patching(capsys, tmp_path, tiny_llama_folder, senders):
+    out, page = tmp_path / "path.json", tmp_path / "path.html"
+    pair = PAIRS[2]
+    code, stdout, _ = cli(capsys, "patch", "--model", tiny_llama_folder, "--sweep", senders, "--path-to", "logits",
+                          "--clean", pair.clean, "--corrupt", pair.counterfactual, "--answer", pair.answer,
+                          "--wrong", pair.wrong, "--json", out, "--html", page)  # fmt: skip
+    assert code == 0
+    data = json.loads(out.read_text())
+    expected = path_patch(mr.load(str(tiny_llama_folder)), [pair], "logits", senders=senders)
+    assert data["receivers"] == ["logits"] and len(data["results"]) == len(expected.cells)
+    assert [r["effect"] for r in data["results"]] == pytest.approx(expected.effect.flatten().tolist(), abs=1e-6)
+    assert "path to logits" in page.read_text()
+    code, _, err = cli(capsys, "patch", "--model", tiny_llama_folder, "--sweep", "resid_pre", "--path-to", "logits",
+                       "--pairs", "capitals", "--json", out)  # fmt: skip
+    assert_one_line_error(code, err, "--path-to needs --sweep heads or --sweep mlp")

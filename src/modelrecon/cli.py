@@ -219,13 +219,22 @@ def patch(
     html_out: Annotated[Path | None, typer.Option("--html", help="also write a self-contained heatmap")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="patched rows per forward pass")] = None,
     seed: Annotated[int, typer.Option(help="seed of the bootstrap")] = 0,
+    path_to: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--path-to", help="path patching with --sweep heads|mlp: 'logits' or a receiver like layers.20.attn.q:3"
+        ),
+    ] = None,
 ) -> None:
-    """Activation patching: patch every cell of a sweep and write the normalised effects (JSON, optional HTML)."""
+    """Activation patching: patch every cell of a sweep and write the normalised effects (JSON, optional HTML).
+
+    With --path-to, each sender's effect goes through that path only (path patching).
+    """
     import json
 
     from modelrecon.counterfactual.html import write_sweep_html
     from modelrecon.counterfactual.pairs import pair_from_dict, read_pairs
-    from modelrecon.counterfactual.sweep import DIRECTIONS, SWEEPS
+    from modelrecon.counterfactual.sweep import DIRECTIONS, SWEEPS, path_patch
     from modelrecon.counterfactual.sweep import sweep as run_sweep
     from modelrecon.errors import BadInputError
     from modelrecon.files import write_text_atomic
@@ -234,6 +243,8 @@ def patch(
         raise BadInputError(f"unknown --sweep {sweep!r}; use one of {', '.join(SWEEPS)}")
     if direction not in DIRECTIONS:
         raise BadInputError(f"unknown --direction {direction!r}; use denoise or noise")
+    if path_to and sweep not in ("heads", "mlp"):
+        raise BadInputError(f"--path-to needs --sweep heads or --sweep mlp (the senders), not --sweep {sweep}")
     one = {"clean": clean, "counterfactual": corrupt, "answer": answer, "wrong": wrong}
     given = {k for k, v in one.items() if v is not None}
     if pairs is not None and given:
@@ -247,9 +258,11 @@ def patch(
     else:
         pair_list = read_pairs(pairs)
     loaded = _load(model)
-    result = run_sweep(
-        loaded, pair_list, sweep, direction=direction, metric=metric, batch_size=batch_size, seed=seed, progress=True
-    )
+    options = dict(direction=direction, metric=metric, batch_size=batch_size, seed=seed, progress=True)
+    if path_to:
+        result = path_patch(loaded, pair_list, list(path_to), senders=sweep, **options)
+    else:
+        result = run_sweep(loaded, pair_list, sweep, **options)
     report = {"model": loaded.name, **result.to_dict()}
     write_text_atomic(json_out, json.dumps(report, indent=1))
     stdout.print(
@@ -258,7 +271,10 @@ def patch(
     )
     table = Table("site", "position" if sweep != "heads" else "head", "effect", "95% CI", title="largest effects")
     for row in sorted(report["results"], key=lambda r: -abs(r["effect"] or 0.0))[:8]:
-        where = str(row["head"]) if sweep == "heads" else f"{row['position']} {result.tokens[row['position']]!r}"
+        if row["position"] is None:
+            where = str(row.get("head", "all positions"))
+        else:
+            where = f"{row['position']} {result.tokens[row['position']]!r}"
         table.add_row(
             row["site"], escape(where), f"{row['effect']:.3f}", f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
         )

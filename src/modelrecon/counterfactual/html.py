@@ -36,9 +36,14 @@ def _colour(effect: float | None, limit: float) -> str:
 def sweep_html(result: SweepResult) -> str:
     grid = result.effect.numpy()
     limit = max(1.0, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0)
-    by_head = result.kind == "heads"
-    columns = [f"head {h}" for h in range(result.shape[1])] if by_head else result.tokens
-    axis = "head" if by_head else "position (token)"
+    by_head = result.cells[0].head is not None
+    whole = not by_head and result.cells[0].position is None  # MLP senders of path patching: all positions at once
+    if by_head:
+        columns, axis = [f"head {h}" for h in range(result.shape[1])], "head"
+    elif whole:
+        columns, axis = ["all positions"], "all positions"
+    else:
+        columns, axis = result.tokens, "position (token)"
     rows_html = []
     means = result.to_dict()["results"]
     for layer in range(result.shape[0]):
@@ -46,7 +51,7 @@ def sweep_html(result: SweepResult) -> str:
         for col in range(result.shape[1]):
             k = layer * result.shape[1] + col
             r = means[k]
-            where = f"head {r['head']}" if by_head else f"position {col} {result.tokens[col]!r}"
+            where = columns[col] if by_head or whole else f"position {col} {result.tokens[col]!r}"
             if r["effect"] is None:
                 tip, text = f"{r['site']} {where}\nvalue {r['value']:.4g}  effect undefined (clean == corrupt)", ""
             else:
@@ -59,7 +64,8 @@ def sweep_html(result: SweepResult) -> str:
         rows_html.append(f"<tr><th>layer {layer}</th>{''.join(cells)}</tr>")
     header = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     site_kind = result.cells[0].site.split(".", 2)[2]
-    title = f"{result.direction} patching of {site_kind}: effect on {result.metric}"
+    what = site_kind if not result.receivers else f"{site_kind}, path to {', '.join(result.receivers)}"
+    title = f"{result.direction} patching of {what}: effect on {result.metric}"
     meta = (
         f"rows: layers; columns: {axis}. effect = (patched - corrupt) / (clean - corrupt); "
         f"{result.metric} clean {result.clean:.4g}, corrupt {result.corrupt:.4g}; "

@@ -233,7 +233,7 @@ def _check_options(direction: str, metric: str | ItemMetric) -> None:
 
 def _parse_receivers(model: Model, receivers: str | list[str]) -> list[tuple[str, int]]:
     """[] for the logits, else (site, head) per receiver "layers.L.attn.q:H"."""
-    if receivers == "logits" or receivers == ["logits"]:
+    if receivers in ("logits", ["logits"]):
         return []
     out = []
     for spec in [receivers] if isinstance(receivers, str) else receivers:
