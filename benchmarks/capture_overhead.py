@@ -235,9 +235,31 @@ def run_peer(tool: str, model_dir: Path, tokens_file: Path, work: Path, args, re
     return rows
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every benchmark script shares: torch threads and the malloc setting."""
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="keep glibc's adaptive malloc thresholds (noisier, see above)"
+    )
+
+
+def start_run(args: argparse.Namespace) -> CpuUse:
+    """Fix malloc and the thread count, print what the machine is, and start counting others' CPU use."""
+    if not args.default_malloc:
+        with_fixed_malloc()
+    cpu_use = CpuUse()
+    torch.set_num_threads(args.threads)
+    print(
+        f"machine: {os.cpu_count()} CPU cores ({cpu_name()}), python {platform.python_version()}, torch "
+        f"{torch.__version__}, torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})"
+    )
+    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (all processes; --default-malloc to leave unset)")
+    return cpu_use
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    add_run_arguments(parser)
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions of plain and resid_post recording")
     parser.add_argument("--peer-reps", type=int, default=12, help="timed repetitions in each peer")
     parser.add_argument("--all-sites-reps", type=int, default=6, help="repetitions of the every-site row; 0 skips it")
@@ -248,20 +270,8 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip TransformerLens and nnsight")
     parser.add_argument("--peer-timeout", type=int, default=600)
     parser.add_argument("--json", type=Path, help="also write every row with its raw per-call seconds to this file")
-    parser.add_argument(
-        "--default-malloc", action="store_true", help="keep glibc's adaptive malloc thresholds (noisier, see above)"
-    )
     args = parser.parse_args()
-    if not args.default_malloc:
-        with_fixed_malloc()
-
-    cpu_use = CpuUse()
-    torch.set_num_threads(args.threads)
-    print(
-        f"machine: {os.cpu_count()} CPU cores ({cpu_name()}), python {platform.python_version()}, torch "
-        f"{torch.__version__}, torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})"
-    )
-    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (all processes; --default-malloc to leave unset)")
+    cpu_use = start_run(args)
 
     model = mr.load(MODEL)
     model_dir, _ = gguf_to_folder(EMBEDDED[MODEL].gguf_parts(), MODEL)

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +34,7 @@ from statistics import median
 import torch
 
 import modelrecon as mr
-from capture_overhead import HERE, MODEL, ROOT, CpuUse, cpu_name, with_fixed_malloc
+from capture_overhead import HERE, MODEL, ROOT, add_run_arguments, start_run
 from modelrecon.counterfactual import Patch, run_with
 from modelrecon.counterfactual.metrics import logit_diff, single_token
 from modelrecon.models.embedded import EMBEDDED
@@ -123,27 +121,15 @@ def print_grid(name: str, grid: torch.Tensor, tokens: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    add_run_arguments(parser)
     parser.add_argument("--reps", type=int, default=5, help="timed calls of (a) and (b), alternating")
     parser.add_argument("--peer-reps", type=int, default=5, help="timed calls of TransformerLens")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each first")
     parser.add_argument("--no-peer", action="store_true", help="skip TransformerLens")
     parser.add_argument("--peer-timeout", type=int, default=1800)
     parser.add_argument("--json", type=Path, help="also write the per-call seconds and the grids to this file")
-    parser.add_argument(
-        "--default-malloc", action="store_true", help="keep glibc's adaptive malloc thresholds (see capture_overhead)"
-    )
     args = parser.parse_args()
-    if not args.default_malloc:
-        with_fixed_malloc()
-
-    cpu_use = CpuUse()
-    torch.set_num_threads(args.threads)
-    print(
-        f"machine: {os.cpu_count()} CPU cores ({cpu_name()}), python {platform.python_version()}, torch "
-        f"{torch.__version__}, torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})"
-    )
-    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (all processes; --default-malloc to leave unset)")
+    cpu_use = start_run(args)
 
     model = mr.load(MODEL)
     model_dir, _ = gguf_to_folder(EMBEDDED[MODEL].gguf_parts(), MODEL)
