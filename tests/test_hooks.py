@@ -116,26 +116,23 @@ def test_identity_pattern_edit_keeps_logits_and_one_hot_pattern_copies_values():
     torch.testing.assert_close(heads[:, 3], value_of_first.expand_as(heads[:, 3]), rtol=0, atol=1e-6)
 
 
-def test_gradients_at_sites(family_model):
+@pytest.mark.parametrize("site", ["layers.1.resid_post", "layers.1.attn.heads", "layers.1.attn.q", "layers.1.attn.v"])
+def test_gradients_at_sites(family_model, site):
     m = family_model
     target = 5
-    result = mr.run(
-        m,
-        PROMPTS[0],
-        grad=["logits", "layers.1.resid_post"],
-        record=["layers.1.resid_post"],
-        grad_of=lambda logits: logits[0][-1, target],
-    )
+    result = mr.run(m, PROMPTS[0], grad=["logits", site], grad_of=lambda logits: logits[0][-1, target])
     one_hot = torch.zeros_like(result.grads["logits"][0])
     one_hot[-1, target] = 1.0
     assert torch.equal(result.grads["logits"][0], one_hot)
-    # Directional derivative by central differences through an exact edit of the same site.
-    g = result.grads["layers.1.resid_post"][0]
+    # Directional derivative by central differences through an exact edit of the same site. Reshaped sites (heads,
+    # q/k/v) once lost their gradient silently: the hook sat on a view the module did not use.
+    g = result.grads[site][0]
+    assert g.abs().sum() > 0
     direction = torch.randn(g.shape, generator=torch.Generator().manual_seed(0))
     eps = 1e-2
 
     def shifted(sign):
-        out = mr.run(m, PROMPTS[0], edit={"layers.1.resid_post": lambda x, ctx: x + sign * eps * direction})
+        out = mr.run(m, PROMPTS[0], edit={site: lambda x, ctx: x + sign * eps * direction})
         return out.logits[0][-1, target].double()
 
     numeric = (shifted(1) - shifted(-1)) / (2 * eps)

@@ -94,6 +94,8 @@ class _SiteHooks:
                     )
                 value = new
         if site in self.grad:
+            if not value.requires_grad and value.grad_fn is None and torch.is_grad_enabled():
+                value.requires_grad_(True)  # an edit wrote a fresh tensor (e.g. an interpolation): differentiate it
             if not value.requires_grad:
                 raise BadInputError(
                     f"site '{site}' is not connected to the gradient; record gradients through run(grad=...)"
@@ -129,8 +131,8 @@ def _on_input(site_hooks: _SiteHooks, site: str, reshape: tuple[int, ...] | None
         value = args[0] if args else kwargs["hidden_states"]
         shaped = value.reshape(*value.shape[:-1], *reshape) if reshape else value
         new = site_hooks.apply(site, shaped)
-        if new is shaped:
-            return None
+        if new is shaped and site not in site_hooks.grad:
+            return None  # a gradient hook sits on `shaped`: then the module must use it, not `value`
         new = new.reshape(value.shape) if reshape else new
         return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
@@ -152,8 +154,8 @@ def _on_qkv(site_hooks: _SiteHooks, site: str, part: int, layout: str, model: Mo
             piece = pieces[part]
         shaped = piece if layout == "per_head" else piece.reshape(*piece.shape[:-1], -1, d_head)
         new = site_hooks.apply(site, shaped)
-        if new is shaped:
-            return None
+        if new is shaped and site not in site_hooks.grad:
+            return None  # as in _on_input: a gradient hook on `shaped` needs the module to use it
         if pieces is None:
             return new.reshape(output.shape)
         pieces[part] = new.reshape(piece.shape)
