@@ -184,6 +184,14 @@ class Model:
             return self.hf(**inputs).logits
         return self.hf.base_model(**inputs).last_hidden_state
 
+    def unembed(self, resid: torch.Tensor, normed: bool = False) -> torch.Tensor:
+        """Logits from residual-stream vectors `[..., d_model]` the way the model makes them: its final norm (unless
+        `normed`), its unembedding and any final soft-capping (Gemma 2)."""
+        x = resid if normed else self.module(self.adapter.final_norm)(resid)
+        logits = self.hf.get_output_embeddings()(x)
+        cap = getattr(self.hf.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
     # --- provenance ----------------------------------------------------------------------------------------------
     def weights_sha256(self) -> str:
         """SHA-256 over every parameter and buffer (name, dtype, shape, bytes): the identity of these weights."""
