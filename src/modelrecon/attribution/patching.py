@@ -2,9 +2,14 @@
 pass. The estimate of patching cell c is (a_source[c] - a_base[c]) . dm/da[c], taken on the base run.
 
 It returns the same `SweepResult` layout as `counterfactual.sweep`, so the two compare cell by cell
-(`verify`). `method="atp"` is plain AtP; `method="atp-gd"` adds GradDrop (Kramár et al. 2024): the estimate repeated
-with the gradient through each layer's attention and MLP output dropped in turn, and the mean of their magnitudes
-(times the AtP sign) reported, which keeps cells whose paths cancel in the plain gradient from looking unimportant.
+(`verify`). Methods:
+- `atp`: plain AtP, the gradient taken on the base run.
+- `atp-ig`: the gradient averaged along the straight path from the base run's input (`layers.0.resid_pre`) to the
+  source run's, in `steps` points (the node form of EAP-IG, Hanna et al. 2024). Large patches (a whole residual
+  vector) move far from the base run, where its gradient alone misleads; averaging along the path follows them.
+- `atp-gd`: AtP with GradDrop (Kramár et al. 2024): the estimate repeated with the gradient through each layer's
+  attention and MLP output dropped in turn, the mean of their magnitudes times the AtP sign, which keeps cells whose
+  paths cancel in the plain gradient from looking unimportant.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from modelrecon.hooks.run import run
 from modelrecon.models.model import Model
 from modelrecon.models.sites import site_name
 
-METHODS = ("atp", "atp-gd")
+METHODS = ("atp", "atp-ig", "atp-gd")
 DIFFERENTIABLE = ("logit_diff", "logprob", "prob", "kl")
 
 
@@ -34,10 +39,14 @@ def attribution_patching(
     direction: str = "denoise",
     metric: str = "logit_diff",
     method: str = "atp",
+    steps: int = 16,
     seed: int = 0,
     n_boot: int = 1000,
 ) -> SweepResult:
-    """Estimate a whole patching sweep (`kind` as in `counterfactual.sweep`) by attribution patching."""
+    """Estimate a whole patching sweep (`kind` as in `counterfactual.sweep`) by attribution patching.
+
+    steps: points on the path for `atp-ig`.
+    """
     if method not in METHODS:
         raise BadInputError(f"unknown attribution-patching method {method!r}; use one of {', '.join(METHODS)}")
     if direction not in DIRECTIONS:
@@ -63,7 +72,11 @@ def attribution_patching(
         m_corrupt.append(float(fn(cf_logits[0], item)))
         source_acts = clean_acts if source == "clean" else cf_acts
         base_ids = getattr(pair, base)
-        estimate = _first_order(model, base_ids, sites, source_acts, item, fn, kind)
+        if method == "atp-ig":
+            source_ids = getattr(pair, source)
+            estimate = _path_averaged(model, base_ids, source_ids, sites, source_acts, item, fn, kind, steps)
+        else:
+            estimate = _first_order(model, base_ids, sites, source_acts, item, fn, kind)
         if method == "atp-gd":
             dropped = [_first_order(model, base_ids, sites, source_acts, item, fn, kind, drop=layer)
                        for layer in range(model.n_layers)]  # fmt: skip
@@ -92,6 +105,37 @@ def attribution_patching(
     )
 
 
+def _cells(kind: str, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """delta . grad summed per cell: per position `[pos]`, or per head `[head]` for head sweeps."""
+    product = delta * grad
+    return product.sum(dim=(0, 2)) if kind == "heads" else product.flatten(1).sum(1)
+
+
+def _path_averaged(model, base_ids, source_ids, sites, source_acts, item, fn, kind, steps, batch_size=8):
+    """(a_source - a_base) . the gradient averaged over `steps` points from the base input to the source input."""
+    start_site = "layers.0.resid_pre"
+    ends = run(model, model.batch_from_ids([base_ids, source_ids]), record=[start_site, *sites]).acts
+    base_in, source_in = ends[start_site]
+    alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
+    total = {site: torch.zeros_like(ends[site][0]) for site in sites}
+    for begin in range(0, steps, batch_size):
+        chunk = alphas[begin : begin + batch_size]
+        points = base_in[None] + chunk.view(-1, 1, 1) * (source_in - base_in)[None]
+
+        def along(value, ctx, points=points):
+            return points.to(value)
+
+        def summed(logits):
+            return sum(fn(row[-1], item) for row in logits)
+
+        result = run(model, model.batch_from_ids([base_ids] * len(chunk)), edit={start_site: along}, grad=sites,
+                     grad_of=summed)  # fmt: skip
+        for site in sites:
+            total[site] += torch.stack(result.grads[site]).sum(0)
+    rows = [_cells(kind, source_acts[site][0] - ends[site][0], total[site] / steps) for site in sites]
+    return torch.stack(rows).detach()
+
+
 def _first_order(model, base_ids, sites, source_acts, item, fn, kind, drop: int | None = None) -> torch.Tensor:
     """(a_source - a_base) . grad on the base run, per cell: `[layer, position]` or `[layer, head]`."""
     edit = {}
@@ -100,9 +144,5 @@ def _first_order(model, base_ids, sites, source_acts, item, fn, kind, drop: int 
             edit[site_name(k, drop)] = lambda v, ctx: v.detach()
     result = run(model, model.batch_from_ids([base_ids]), record=sites, grad=sites,
                  edit=edit or None, grad_of=lambda logits: fn(logits[0][-1], item))  # fmt: skip
-    rows = []
-    for site in sites:
-        grad = result.grads[site][0] if result.grads[site] else torch.zeros_like(result.acts[site][0])
-        product = (source_acts[site][0] - result.acts[site][0]) * grad  # [pos, ...]
-        rows.append(product.sum(dim=(0, 2)) if kind == "heads" else product.flatten(1).sum(1))
+    rows = [_cells(kind, source_acts[site][0] - result.acts[site][0], result.grads[site][0]) for site in sites]
     return torch.stack(rows).detach()

@@ -77,6 +77,7 @@ class SweepResult:
     ci_high: np.ndarray
     shape: tuple[int, int]  # (layers, positions) or (layers, heads)
     receivers: list[str] | None = None  # path patching: what the senders' paths end in
+    method: str = "patching"  # or an attribution estimate of it ("atp", "atp-gd")
 
     @property
     def effect(self) -> torch.Tensor:
@@ -161,8 +162,8 @@ def sweep(
 
     sites = sorted({c.site for c in cells})
     return _run_sweep(
-        model, tokens, kind, cells, shape, score, {"source": sites}, direction, metric, batch_size, seed, n_boot,
-        progress,
+        model, tokens, kind, cells, shape, score, {"source": sites, "base": sites}, direction, metric, batch_size,
+        seed, n_boot, progress, skip_unchanged=True,
     )  # fmt: skip
 
 
@@ -222,6 +223,16 @@ def path_patch(
     )  # fmt: skip
     result.receivers = ["logits"] if not targets else [f"{s}:{h}" for s, h in targets]
     return result
+
+
+def _unchanged(cell: Cell, acts: dict) -> bool:
+    """Whether patching this cell writes the value it already has."""
+    source, base = acts["source"][cell.site][0], acts["base"][cell.site][0]
+    if cell.head is not None:
+        return torch.equal(source[:, cell.head], base[:, cell.head])
+    if cell.position is not None:
+        return torch.equal(source[cell.position], base[cell.position])
+    return torch.equal(source, base)
 
 
 def _check_options(direction: str, metric: str | ItemMetric) -> None:
@@ -295,11 +306,14 @@ def _run_sweep(
     seed: int,
     n_boot: int,
     progress: bool,
+    skip_unchanged: bool = False,
 ) -> SweepResult:
     """The loop every sweep shares: per pair, record the source and base runs, score the cells in batches.
 
     record: "source" / "base" -> sites to record on that run. score(pair, base_name, cells, acts, item, fn) gives
-    the metric of each cell.
+    the metric of each cell. skip_unchanged: a cell whose source and base values are equal is a no-op patch: its
+    value is the base run's metric, exactly, without a forward pass (e.g. positions before the first token that
+    differs between the prompts).
     """
     metric_name, fn = item_metric(metric)
     rows = batch_size or max(1, 512 // max(t.length for t in tokens))
@@ -317,9 +331,15 @@ def _run_sweep(
             m_corrupt.append(_scores([runs["counterfactual"][0][0][None]], [item], fn)[0])
             acts = {"source": runs[source][1], "base": runs[base][1]}
             advance(1)
-            for chunk in _batches(len(cells), rows):
-                values[j, chunk] = score(pair, base, [cells[k] for k in chunk], acts, item, fn)
+            active = [k for k, cell in enumerate(cells) if not (skip_unchanged and _unchanged(cell, acts))]
+            values[j] = m_clean[-1] if base == "clean" else m_corrupt[-1]
+            done = 0
+            for chunk in _batches(len(active), rows):
+                ks = [active[i] for i in chunk]
+                values[j, ks] = score(pair, base, [cells[k] for k in ks], acts, item, fn)
                 advance(1)
+                done += 1
+            advance(len(list(_batches(len(cells), rows))) - done)  # batches saved by skipped cells
 
     clean, corrupt = np.array(m_clean)[:, None], np.array(m_corrupt)[:, None]
     if np.all(clean == corrupt):
