@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -202,18 +203,43 @@ def cube_import(
     stdout.print(f"wrote {cube.path}: {cube.n_tokens} tokens, {len(cube.layers('imported'))} layers", markup=False)
 
 
+PairsOption = Annotated[
+    str | None, typer.Option("--pairs", help="JSONL file of pairs, or a shipped dataset name (capitals)")
+]
+CleanOption = Annotated[str | None, typer.Option("--clean", help="the clean prompt (instead of --pairs)")]
+CorruptOption = Annotated[str | None, typer.Option("--corrupt", help="the counterfactual prompt")]
+AnswerOption = Annotated[str | None, typer.Option("--answer", help="the clean answer, with its leading space")]
+WrongOption = Annotated[str | None, typer.Option("--wrong", help="the counterfactual's answer")]
+
+
+def _pair_list(pairs: str | None, clean, corrupt, answer, wrong) -> list:
+    """The pairs from --pairs, or the one pair given by --clean --corrupt --answer --wrong."""
+    from modelrecon.counterfactual.pairs import pair_from_dict, read_pairs
+    from modelrecon.errors import BadInputError
+
+    one = {"clean": clean, "counterfactual": corrupt, "answer": answer, "wrong": wrong}
+    given = {k for k, v in one.items() if v is not None}
+    if pairs is not None and given:
+        raise BadInputError("give either --pairs FILE or --clean/--corrupt/--answer/--wrong, not both")
+    if pairs is not None:
+        return read_pairs(pairs)
+    if len(given) < 4:
+        names = {"clean": "--clean", "counterfactual": "--corrupt", "answer": "--answer", "wrong": "--wrong"}
+        missing = " ".join(names[k] for k in one if k not in given)
+        raise BadInputError(f"missing {missing}: give all four of --clean --corrupt --answer --wrong, or --pairs")
+    return [pair_from_dict(one, "the command line")]
+
+
 @app.command()
 def patch(
     sweep: Annotated[str, typer.Option("--sweep", help="resid_pre, resid_post, heads, attn or mlp")],
     json_out: Annotated[Path, typer.Option("--json", help="the JSON result file to write")],
     model: ModelOption = DEFAULT_MODEL,
-    pairs: Annotated[
-        str | None, typer.Option("--pairs", help="JSONL file of pairs, or a shipped dataset name (capitals)")
-    ] = None,
-    clean: Annotated[str | None, typer.Option("--clean", help="the clean prompt (instead of --pairs)")] = None,
-    corrupt: Annotated[str | None, typer.Option("--corrupt", help="the counterfactual prompt")] = None,
-    answer: Annotated[str | None, typer.Option("--answer", help="the clean answer, with its leading space")] = None,
-    wrong: Annotated[str | None, typer.Option("--wrong", help="the counterfactual's answer")] = None,
+    pairs: PairsOption = None,
+    clean: CleanOption = None,
+    corrupt: CorruptOption = None,
+    answer: AnswerOption = None,
+    wrong: WrongOption = None,
     direction: Annotated[str, typer.Option(help="denoise: patch clean into corrupt; noise: the reverse")] = "denoise",
     metric: Annotated[str, typer.Option(help="logit_diff, prob, logprob, rank, top1 or kl")] = "logit_diff",
     html_out: Annotated[Path | None, typer.Option("--html", help="also write a self-contained heatmap")] = None,
@@ -233,7 +259,6 @@ def patch(
     import json
 
     from modelrecon.counterfactual.html import write_sweep_html
-    from modelrecon.counterfactual.pairs import pair_from_dict, read_pairs
     from modelrecon.counterfactual.sweep import DIRECTIONS, SWEEPS, path_patch
     from modelrecon.counterfactual.sweep import sweep as run_sweep
     from modelrecon.errors import BadInputError
@@ -245,18 +270,7 @@ def patch(
         raise BadInputError(f"unknown --direction {direction!r}; use denoise or noise")
     if path_to and sweep not in ("heads", "mlp"):
         raise BadInputError(f"--path-to needs --sweep heads or --sweep mlp (the senders), not --sweep {sweep}")
-    one = {"clean": clean, "counterfactual": corrupt, "answer": answer, "wrong": wrong}
-    given = {k for k, v in one.items() if v is not None}
-    if pairs is not None and given:
-        raise BadInputError("give either --pairs FILE or --clean/--corrupt/--answer/--wrong, not both")
-    if pairs is None:
-        if len(given) < 4:
-            names = {"clean": "--clean", "counterfactual": "--corrupt", "answer": "--answer", "wrong": "--wrong"}
-            missing = " ".join(names[k] for k in one if k not in given)
-            raise BadInputError(f"missing {missing}: give all four of --clean --corrupt --answer --wrong, or --pairs")
-        pair_list = [pair_from_dict(one, "the command line")]
-    else:
-        pair_list = read_pairs(pairs)
+    pair_list = _pair_list(pairs, clean, corrupt, answer, wrong)
     loaded = _load(model)
     options = dict(direction=direction, metric=metric, batch_size=batch_size, seed=seed, progress=True)
     if path_to:
@@ -329,6 +343,185 @@ def experiment(
         )  # fmt: skip
     stdout.print(table)
     stdout.print(f"wrote {json_out}", markup=False)
+
+
+@app.command()
+def lens(
+    prompt: Annotated[str, typer.Argument(help="the prompt text")],
+    model: ModelOption = DEFAULT_MODEL,
+    target: Annotated[str | None, typer.Option(help="a token to follow across layers, e.g. ' Paris'")] = None,
+    top: Annotated[int, typer.Option("--top", "-k", min=1, help="tokens per cell")] = 5,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the lens as JSON")] = None,
+    html_out: Annotated[Path | None, typer.Option("--html", help="write a self-contained HTML table")] = None,
+) -> None:
+    """Logit lens: the top next token after each layer at every position, and a target token's rank and probability."""
+    from modelrecon.attribution.html import write_lens_html
+    from modelrecon.attribution.lens import logit_lens
+    from modelrecon.files import write_text_atomic
+    from modelrecon.models.model import check_prompt
+
+    check_prompt(prompt)
+    loaded = _load(model)
+    result = logit_lens(loaded, prompt, k=top, target=target)
+    columns = ["layer", "top at last position", "p"] + (["target p", "target rank"] if target else [])
+    table = Table(*columns, title=f"{loaded.name}: logit lens on {prompt!r}")
+    for r, name in enumerate(result.rows):
+        row = [name, repr(result.top_tokens[r][-1][0]), f"{float(result.top_probs[r, -1, 0]):.3f}"]
+        if target:
+            row += [f"{float(result.target_probs[r, -1]):.3g}", str(int(result.target_ranks[r, -1]))]
+        table.add_row(*(escape(c) for c in row))
+    stdout.print(table)
+    if json_out is not None:
+        stdout.print(f"wrote {write_text_atomic(json_out, result.to_json())}", markup=False)
+    if html_out is not None:
+        stdout.print(f"wrote {write_lens_html(result, html_out)}", markup=False)
+
+
+PROMPT_METHODS = ("dla", "grad-x-act", "ig")
+
+
+@app.command()
+def attribute(
+    method: Annotated[
+        str, typer.Option("--method", help="dla, grad-x-act, ig (a prompt) or atp, atp-ig, atp-gd, eap, eap-ig (pairs)")
+    ],
+    json_out: Annotated[Path, typer.Option("--json", help="the JSON result file to write")],
+    prompt: Annotated[str | None, typer.Argument(help="the prompt (dla, grad-x-act, ig)")] = None,
+    model: ModelOption = DEFAULT_MODEL,
+    answer: AnswerOption = None,
+    wrong: WrongOption = None,
+    site: Annotated[str, typer.Option(help="the site for grad-x-act and ig (embed = the input embeddings)")] = "embed",
+    baseline: Annotated[
+        str | None, typer.Option(help="ig baseline: a counterfactual prompt of the same length (default: zeros)")
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="ig / atp-ig / eap-ig steps")] = 32,
+    neurons: Annotated[bool, typer.Option("--neurons", help="dla: split MLPs into neurons")] = False,
+    pairs: PairsOption = None,
+    clean: CleanOption = None,
+    corrupt: CorruptOption = None,
+    sweep: Annotated[str, typer.Option(help="atp family: the sweep to estimate")] = "resid_pre",
+    direction: Annotated[str, typer.Option(help="denoise or noise")] = "denoise",
+) -> None:
+    """Correlational attributions: direct logit attribution, gradient x activation, integrated gradients, and
+    attribution patching (nodes: atp, atp-ig, atp-gd; edges: eap, eap-ig)."""
+    from modelrecon.attribution.patching import EDGE_METHODS, METHODS
+    from modelrecon.errors import BadInputError
+    from modelrecon.files import write_text_atomic
+
+    known = (*PROMPT_METHODS, *METHODS, *EDGE_METHODS)
+    if method not in known:
+        raise BadInputError(f"unknown --method {method!r}; use one of {', '.join(known)}")
+    if method in PROMPT_METHODS:
+        if prompt is None or answer is None:
+            raise BadInputError(f"--method {method} needs a PROMPT argument and --answer (and optionally --wrong)")
+        loaded = _load(model)
+        text = _prompt_attribution(loaded, method, prompt, answer, wrong, site, baseline, steps, neurons)
+    else:
+        if prompt is not None:
+            raise BadInputError(f"--method {method} works on pairs: give --pairs or --clean/--corrupt/--answer/--wrong")
+        pair_list = _pair_list(pairs, clean, corrupt, answer, wrong)
+        loaded = _load(model)
+        text = _pair_attribution(loaded, method, pair_list, sweep, direction, steps)
+    stdout.print(f"wrote {write_text_atomic(json_out, text)}", markup=False)
+
+
+def _prompt_attribution(loaded, method, prompt, answer, wrong, site, baseline, steps, neurons) -> str:
+    from modelrecon.attribution.dla import direct_logit_attribution
+    from modelrecon.attribution.gradients import grad_x_act, integrated_gradients
+
+    if method == "dla":
+        result = direct_logit_attribution(loaded, prompt, answer, wrong, neurons=neurons)
+        stdout.print(f"{result.direction}: {result.logit:.4f}; the terms sum to {result.total:.4f}", markup=False)
+        table = Table("component", "direct effect", title="largest terms")
+        for t in sorted(result.terms, key=lambda t: -abs(t.value))[:10]:
+            table.add_row(escape(t.name), f"{t.value:+.4f}")
+        stdout.print(table)
+        return result.to_json()
+    if method == "grad-x-act":
+        result = grad_x_act(loaded, prompt, site, answer, wrong)
+    else:
+        result = integrated_gradients(loaded, prompt, site, answer, wrong, baseline=baseline, steps=steps)
+        c = result.completeness
+        stdout.print(
+            f"completeness: attributions sum to {c['sum']:.4f}, the target changed by {c['delta']:.4f} "
+            f"(relative error {c['relative_error']:.2%} with {c['steps']} steps)",
+            markup=False,
+        )
+    table = Table("position", "token", "attribution", title=f"{method} at {result.site} for {result.target}")
+    for p, (token, value) in enumerate(zip(result.tokens, result.per_position.tolist(), strict=True)):
+        table.add_row(str(p), escape(repr(token)), f"{value:+.4f}")
+    stdout.print(table)
+    return result.to_json()
+
+
+def _pair_attribution(loaded, method, pair_list, sweep, direction, steps) -> str:
+    from modelrecon.attribution.patching import EDGE_METHODS, attribution_patching, edge_attribution
+
+    if method in EDGE_METHODS:
+        result = edge_attribution(loaded, pair_list, method=method, direction=direction, steps=steps)
+        table = Table("edge", "score", title="largest edges")
+        for e in result.top(10):
+            table.add_row(escape(f"{e['upstream']} -> {e['downstream']}"), f"{e['score']:+.4f}")
+        stdout.print(table)
+        return result.to_json()
+    result = attribution_patching(loaded, pair_list, sweep, method=method, direction=direction, steps=steps)
+    stdout.print(f"{method} estimate of the {sweep} sweep over {len(pair_list)} pair(s)", markup=False)
+    return result.to_json()
+
+
+@app.command()
+def verify(
+    sweep: Annotated[str, typer.Option("--sweep", help="resid_pre, resid_post, heads, attn or mlp")],
+    json_out: Annotated[Path, typer.Option("--json", help="the JSON report to write")],
+    model: ModelOption = DEFAULT_MODEL,
+    method: Annotated[str, typer.Option(help="the estimate to check: atp, atp-ig or atp-gd")] = "atp",
+    pairs: PairsOption = None,
+    clean: CleanOption = None,
+    corrupt: CorruptOption = None,
+    answer: AnswerOption = None,
+    wrong: WrongOption = None,
+    direction: Annotated[str, typer.Option(help="denoise or noise")] = "denoise",
+    steps: Annotated[int, typer.Option(min=1, help="atp-ig steps")] = 16,
+    html_out: Annotated[
+        Path | None, typer.Option("--html", help="also write the report as a self-contained page")
+    ] = None,
+) -> None:
+    """Causal vs correlational: an attribution estimate of every cell next to its exact patching effect."""
+    from modelrecon.attribution.compare import compare
+    from modelrecon.attribution.html import write_verify_html
+    from modelrecon.attribution.patching import METHODS, attribution_patching
+    from modelrecon.counterfactual.sweep import SWEEPS
+    from modelrecon.counterfactual.sweep import sweep as run_sweep
+    from modelrecon.errors import BadInputError
+    from modelrecon.files import write_text_atomic
+
+    if sweep not in SWEEPS:
+        raise BadInputError(f"unknown --sweep {sweep!r}; use one of {', '.join(SWEEPS)}")
+    if method not in METHODS:
+        raise BadInputError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
+    pair_list = _pair_list(pairs, clean, corrupt, answer, wrong)
+    loaded = _load(model)
+    estimate = attribution_patching(loaded, pair_list, sweep, method=method, direction=direction, steps=steps)
+    exact = run_sweep(loaded, pair_list, sweep, direction=direction, progress=True)
+    report = compare(estimate, exact)
+    write_text_atomic(
+        json_out, json.dumps({"model": loaded.name, "n_pairs": len(pair_list), **report.to_dict()}, indent=1)
+    )
+    stdout.print(
+        f"{method} vs exact {sweep} patching over {len(pair_list)} pair(s), {report.n_cells} cells: "
+        f"Spearman {report.spearman:.3f}, Kendall {report.kendall:.3f}, {len(report.disagreements)} disagreements",
+        markup=False,
+    )
+    table = Table("site", "position", "head", "estimate", "exact", "kind", title="largest disagreements")
+    for d in report.disagreements[:8]:
+        table.add_row(
+            d.site, "" if d.position is None else str(d.position), "" if d.head is None else str(d.head),
+            f"{d.estimate:.3f}", f"{d.exact:.3f}", d.kind,
+        )  # fmt: skip
+    stdout.print(table)
+    stdout.print(f"wrote {json_out}", markup=False)
+    if html_out is not None:
+        stdout.print(f"wrote {write_verify_html(report, html_out)}", markup=False)
 
 
 def main(argv: list[str] | None = None) -> None:
