@@ -119,6 +119,27 @@ def test_attribution_patching_is_exact_on_a_linear_model(linear_model, kind):
     assert attribution_patching(tiny_model("gpt2"), PAIRS[:1], kind).method == "atp"
 
 
+def test_atp_star_qk_fix_is_exact_when_only_the_softmax_is_nonlinear():
+    """The linear GPT-2, but with real queries and keys in its last layer: patching a query or key there changes
+    the metric only through that head's softmax. The QK fix recomputes the pattern exactly, so AtP* is exact;
+    plain AtP linearises the softmax and is not."""
+    m = tiny_model("gpt2", activation_function="linear")
+    t = m.hf.transformer
+    with torch.no_grad():
+        for i, block in enumerate(t.h):
+            block.ln_1, block.ln_2 = nn.Identity(), nn.Identity()
+            if i < m.n_layers - 1:
+                block.attn.c_attn.weight[:, : 2 * m.d_model] = 0.0
+                block.attn.c_attn.bias[: 2 * m.d_model] = 0.0
+        t.ln_f = nn.Identity()
+    for kind in ("q", "k"):
+        exact = sweep(m, PAIRS[:1], kind)
+        star = attribution_patching(m, PAIRS[:1], kind, method="atpstar")
+        plain = attribution_patching(m, PAIRS[:1], kind, method="atp")
+        np.testing.assert_allclose(star.effects, exact.effects, rtol=0, atol=1e-5)
+        assert np.abs(plain.effects - exact.effects).max() > 1e-3
+
+
 def test_edge_attribution_to_the_logits_is_path_patching_on_a_linear_model(linear_model):
     edges = edge_attribution(linear_model, PAIRS[:1])
     exact = path_patch(linear_model, PAIRS[:1], "logits", senders="mlp")

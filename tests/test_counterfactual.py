@@ -48,20 +48,21 @@ def _logit_diff(model, logits, pair):
 
 def _loop_effects(model, pair, kind, direction):
     """The slow oracle: one forward pass per cell, each with a hand-written edit function."""
-    site_kind = {"resid_pre": "resid_pre", "resid_post": "resid_post", "attn": "attn.out", "heads": "attn.heads"}[kind]
+    site_kind = {"resid_pre": "resid_pre", "resid_post": "resid_post", "attn": "attn.out", "heads": "attn.heads",
+                 "k": "attn.k"}[kind]  # fmt: skip
     base, source = (pair.counterfactual, pair.clean) if direction == "denoise" else (pair.clean, pair.counterfactual)
     m_clean = _logit_diff(model, mr.run(model, pair.clean).logits[0], pair)
     m_corrupt = _logit_diff(model, mr.run(model, pair.counterfactual).logits[0], pair)
     sites = [f"layers.{layer}.{site_kind}" for layer in range(model.n_layers)]
     source_acts = mr.run(model, source, record=sites).acts
-    n_cols = model.n_heads if kind == "heads" else len(model.encode(pair.clean))
+    n_cols = {"heads": model.n_heads, "k": model.n_kv_heads}.get(kind, len(model.encode(pair.clean)))
     effects = torch.zeros(model.n_layers, n_cols)
     for layer, site in enumerate(sites):
         for col in range(n_cols):
 
             def edit(v, ctx, col=col, site=site):
                 v = v.clone()
-                if kind == "heads":
+                if kind in ("heads", "k"):
                     v[0, :, col] = source_acts[site][0][:, col]
                 else:
                     v[0, col] = source_acts[site][0][col]
@@ -74,7 +75,14 @@ def _loop_effects(model, pair, kind, direction):
 
 @pytest.mark.parametrize(
     ("kind", "direction"),
-    [("resid_pre", "denoise"), ("resid_post", "noise"), ("attn", "denoise"), ("heads", "denoise"), ("heads", "noise")],
+    [
+        ("resid_pre", "denoise"),
+        ("resid_post", "noise"),
+        ("attn", "denoise"),
+        ("heads", "denoise"),
+        ("heads", "noise"),
+        ("k", "denoise"),
+    ],
 )
 def test_sweep_equals_the_one_cell_loop(model, kind, direction):
     pair = PAIRS[0]

@@ -232,7 +232,12 @@ def _pair_list(pairs: str | None, clean, corrupt, answer, wrong) -> list:
 
 @app.command()
 def patch(
-    sweep: Annotated[str, typer.Option("--sweep", help="resid_pre, resid_post, heads, attn or mlp")],
+    sweep: Annotated[
+        str,
+        typer.Option(
+            "--sweep", help="resid_pre, resid_post, attn, mlp (layer x position); heads, q, k, v (layer x head)"
+        ),
+    ],
     json_out: Annotated[Path, typer.Option("--json", help="the JSON result file to write")],
     model: ModelOption = DEFAULT_MODEL,
     pairs: PairsOption = None,
@@ -259,7 +264,7 @@ def patch(
     import json
 
     from modelrecon.counterfactual.html import write_sweep_html
-    from modelrecon.counterfactual.sweep import DIRECTIONS, SWEEPS, path_patch
+    from modelrecon.counterfactual.sweep import DIRECTIONS, HEAD_SWEEPS, SWEEPS, path_patch
     from modelrecon.counterfactual.sweep import sweep as run_sweep
     from modelrecon.errors import BadInputError
     from modelrecon.files import write_text_atomic
@@ -283,7 +288,7 @@ def patch(
         f"{result.metric}: clean {result.clean:.4f}, corrupt {result.corrupt:.4f} ({len(pair_list)} pair(s))",
         markup=False,
     )
-    table = Table("site", "position" if sweep != "heads" else "head", "effect", "95% CI", title="largest effects")
+    table = Table("site", "head" if sweep in HEAD_SWEEPS else "position", "effect", "95% CI", title="largest effects")
     for row in sorted(report["results"], key=lambda r: -abs(r["effect"] or 0.0))[:8]:
         if row["position"] is None:
             where = str(row.get("head", "all positions"))
@@ -471,7 +476,12 @@ def _pair_attribution(loaded, method, pair_list, sweep, direction, steps) -> str
 
 @app.command()
 def verify(
-    sweep: Annotated[str, typer.Option("--sweep", help="resid_pre, resid_post, heads, attn or mlp")],
+    sweep: Annotated[
+        str,
+        typer.Option(
+            "--sweep", help="resid_pre, resid_post, attn, mlp (layer x position); heads, q, k, v (layer x head)"
+        ),
+    ],
     json_out: Annotated[Path, typer.Option("--json", help="the JSON report to write")],
     model: ModelOption = DEFAULT_MODEL,
     method: Annotated[str, typer.Option(help="the estimate to check: atp, atp-ig or atp-gd")] = "atp",

@@ -7,6 +7,10 @@ It returns the same `SweepResult` layout as `counterfactual.sweep`, so the two c
 - `atp-ig`: the gradient averaged along the straight path from the base run's input (`layers.0.resid_pre`) to the
   source run's, in `steps` points (the node form of EAP-IG, Hanna et al. 2024). Large patches (a whole residual
   vector) move far from the base run, where its gradient alone misleads; averaging along the path follows them.
+- `atpstar`: AtP with the AtP* QK fix (Kramár et al. 2024), for `q` and `k` sweeps: patching a head's query or key
+  changes only its attention pattern, through a softmax that is often saturated, so the pattern is recomputed
+  exactly (the layer's attention module alone, re-run on the base run's inputs with the query or key patched, one
+  row per head) and only the step from the pattern to the metric is linear. Other sweeps get plain AtP.
 - `atp-gd`: AtP with GradDrop (Kramár et al. 2024): the estimate repeated with the gradient through each layer's
   attention and MLP output dropped in turn, the mean of their magnitudes times the AtP sign, which keeps cells whose
   paths cancel in the plain gradient from looking unimportant.
@@ -21,16 +25,18 @@ import numpy as np
 import torch
 
 from modelrecon.counterfactual.experiment import run_pairs
+from modelrecon.counterfactual.interventions import Patch, edits_for
 from modelrecon.counterfactual.metrics import ScoredItem, item_metric
 from modelrecon.counterfactual.pairs import Pair, tokenize_pairs
 from modelrecon.counterfactual.stats import bootstrap
-from modelrecon.counterfactual.sweep import DIRECTIONS, SweepResult, sweep_cells
+from modelrecon.counterfactual.sweep import DIRECTIONS, HEAD_SWEEPS, SweepResult, sweep_cells
 from modelrecon.errors import BadInputError
 from modelrecon.hooks.run import run
+from modelrecon.hooks.trace import hooked
 from modelrecon.models.model import Model
 from modelrecon.models.sites import site_name
 
-METHODS = ("atp", "atp-ig", "atp-gd")
+METHODS = ("atp", "atp-ig", "atp-gd", "atpstar")
 EDGE_METHODS = ("eap", "eap-ig")
 DIFFERENTIABLE = ("logit_diff", "logprob", "prob", "kl")
 
@@ -59,7 +65,7 @@ def attribution_patching(
         raise BadInputError(f"metric {metric!r} is not differentiable; use one of {', '.join(DIFFERENTIABLE)}")
     metric_name, fn = item_metric(metric)
     tokens = tokenize_pairs(model, pairs)
-    if kind != "heads" and len({t.length for t in tokens}) > 1:
+    if kind not in HEAD_SWEEPS and len({t.length for t in tokens}) > 1:
         raise BadInputError("a position sweep needs pairs of one token length; use --sweep heads for mixed lengths")
     cells, shape = sweep_cells(model, kind, tokens[0].length)
     site_kind = cells[0].site.split(".", 2)[2]
@@ -76,7 +82,9 @@ def attribution_patching(
         m_corrupt.append(float(fn(cf_logits[0], item)))
         source_acts = clean_acts if source == "clean" else cf_acts
         base_ids = getattr(pair, base)
-        if method == "atp-ig":
+        if method == "atpstar" and kind in ("q", "k"):
+            estimate = _qk_fixed(model, base_ids, sites, source_acts, item, fn, kind)
+        elif method == "atp-ig":
             source_ids = getattr(pair, source)
             estimate = _path_averaged(model, base_ids, source_ids, sites, source_acts, item, fn, kind, steps)
         else:
@@ -112,7 +120,7 @@ def attribution_patching(
 def _cells(kind: str, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """delta . grad summed per cell: per position `[pos]`, or per head `[head]` for head sweeps."""
     product = delta * grad
-    return product.sum(dim=(0, 2)) if kind == "heads" else product.flatten(1).sum(1)
+    return product.sum(dim=(0, 2)) if kind in HEAD_SWEEPS else product.flatten(1).sum(1)
 
 
 def _path_averaged(model, base_ids, source_ids, sites, source_acts, item, fn, kind, steps, batch_size=8):
@@ -138,6 +146,56 @@ def _path_averaged(model, base_ids, source_ids, sites, source_acts, item, fn, ki
             total[site] += torch.stack(result.grads[site]).sum(0)
     rows = [_cells(kind, source_acts[site][0] - ends[site][0], total[site] / steps) for site in sites]
     return torch.stack(rows).detach()
+
+
+def _expand_rows(value, rows: int):
+    """The base run's call arguments repeated for `rows` rows (tensors with a leading batch axis of 1)."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == 1:
+        return value.expand(rows, *value.shape[1:]).contiguous()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_expand_rows(v, rows) for v in value)
+    if isinstance(value, dict):
+        return {k: _expand_rows(v, rows) for k, v in value.items()}
+    return value
+
+
+def _qk_fixed(model, base_ids, sites, source_acts, item, fn, kind) -> torch.Tensor:
+    """AtP* for query/key cells: the exact new attention pattern, then (A_new - A_base) . dm/dA, per (layer, head)."""
+    patterns = [site_name("attn.pattern", layer) for layer in range(model.n_layers)]
+    calls: dict[int, tuple] = {}
+    handles = []
+    for layer in range(model.n_layers):
+
+        def keep(module, args, kwargs, layer=layer):
+            calls[layer] = (args, kwargs)
+
+        attention = model.layer_module(layer, model.adapter.attn)
+        handles.append(attention.register_forward_pre_hook(keep, with_kwargs=True))
+    try:
+        base = run(model, model.batch_from_ids([base_ids]), record=patterns, grad=patterns,
+                   grad_of=lambda logits: fn(logits[0][-1], item))  # fmt: skip
+    finally:
+        for handle in handles:
+            handle.remove()
+    group = model.n_heads // model.n_kv_heads
+    n_cells = model.n_heads if kind == "q" else model.n_kv_heads
+    rows = []
+    with torch.no_grad():
+        for layer, (site, pattern) in enumerate(zip(sites, patterns, strict=True)):
+            batch = model.batch_from_ids([base_ids] * n_cells)
+            cells = [[Patch(site, heads=[h], source="source")] for h in range(n_cells)]
+            edits = edits_for(model, batch, cells, {"source": {site: source_acts[site] * n_cells}})
+            args, kwargs = _expand_rows(calls[layer], n_cells)
+            with hooked(model, batch, record=[pattern], edit=edits) as trace:
+                model.layer_module(layer, model.adapter.attn)(*args, **kwargs)
+            new = torch.stack(trace.acts[pattern])  # [cell, head, q, k]
+            change = (new - base.acts[pattern][0][None]) * base.grads[pattern][0][None]
+            per_head = change.flatten(2).sum(-1)  # [cell, head]: only the patched head(s) changed
+            if kind == "q":
+                rows.append(per_head.diagonal())
+            else:  # a key/value head serves `group` query heads
+                rows.append(torch.stack([per_head[g, g * group : (g + 1) * group].sum() for g in range(n_cells)]))
+    return torch.stack(rows)
 
 
 def _first_order(model, base_ids, sites, source_acts, item, fn, kind, drop: int | None = None) -> torch.Tensor:

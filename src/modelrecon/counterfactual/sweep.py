@@ -35,7 +35,11 @@ SWEEPS = {
     "attn": "attn.out",
     "mlp": "mlp.out",
     "heads": "attn.heads",
+    "q": "attn.q",
+    "k": "attn.k",
+    "v": "attn.v",
 }
+HEAD_SWEEPS = ("heads", "q", "k", "v")  # cells are (layer, head), every position patched
 DIRECTIONS = ("denoise", "noise")
 
 
@@ -123,9 +127,10 @@ def sweep_cells(model: Model, kind: str, n_positions: int) -> tuple[list[Cell], 
         raise BadInputError(f"unknown sweep {kind!r}; use one of {', '.join(SWEEPS)}")
     site_kind = SWEEPS[kind]
     layers = range(model.n_layers)
-    if kind == "heads":
-        cells = [Cell(site_name(site_kind, lay), lay, None, h) for lay in layers for h in range(model.n_heads)]
-        return cells, (model.n_layers, model.n_heads)
+    if kind in HEAD_SWEEPS:
+        n_heads = model.n_kv_heads if kind in ("k", "v") else model.n_heads
+        cells = [Cell(site_name(site_kind, lay), lay, None, h) for lay in layers for h in range(n_heads)]
+        return cells, (model.n_layers, n_heads)
     cells = [Cell(site_name(site_kind, lay), lay, p) for lay in layers for p in range(n_positions)]
     return cells, (model.n_layers, n_positions)
 
@@ -149,7 +154,7 @@ def sweep(
     _check_options(direction, metric)
     tokens = tokenize_pairs(model, pairs)
     lengths = {t.length for t in tokens}
-    if kind != "heads" and len(lengths) > 1:
+    if kind not in HEAD_SWEEPS and len(lengths) > 1:
         raise BadInputError(
             f"a position sweep needs pairs of one token length; these have lengths {sorted(lengths)}: "
             "sweep each length separately or use --sweep heads"
