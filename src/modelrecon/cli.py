@@ -519,7 +519,8 @@ def verify(
     )
     stdout.print(
         f"{method} vs exact {sweep} patching over {len(pair_list)} pair(s), {report.n_cells} cells: "
-        f"Spearman {report.spearman:.3f}, Kendall {report.kendall:.3f}, {len(report.disagreements)} disagreements",
+        f"Spearman {report.spearman:.3f}, Kendall {report.kendall:.3f}, Pearson {report.pearson:.3f}, "
+        f"{len(report.disagreements)} disagreements",
         markup=False,
     )
     table = Table("site", "position", "head", "estimate", "exact", "kind", title="largest disagreements")

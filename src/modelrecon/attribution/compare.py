@@ -49,6 +49,12 @@ def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
     return concordance / denominator if denominator else float("nan")
 
 
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
 @dataclass(frozen=True)
 class Disagreement:
     site: str
@@ -65,6 +71,7 @@ class Comparison:
     kind: str
     spearman: float
     kendall: float
+    pearson: float  # linear agreement of the values themselves (ranks inside a cluster of equal effects are noise)
     n_cells: int
     estimate: list[float]  # per cell, in the sweep's order
     exact: list[float]
@@ -103,6 +110,7 @@ def compare(estimate: SweepResult, exact: SweepResult, gap: float = 0.1, floor: 
         kind=exact.kind,
         spearman=spearman(est[defined], ex[defined]),
         kendall=kendall_tau_b(est[defined], ex[defined]),
+        pearson=_pearson(est[defined], ex[defined]),
         n_cells=int(defined.sum()),
         estimate=est.tolist(),
         exact=ex.tolist(),

@@ -82,7 +82,11 @@ def _scatter(comparison: Comparison, size: int = 360, pad: int = 40) -> str:
     return (
         f'<svg width="{size}" height="{size}" style="border:1px solid #ccc">'
         f'<line x1="{x(lo)}" y1="{y(lo)}" x2="{x(hi)}" y2="{y(hi)}" stroke="#aaa" stroke-dasharray="4"/>'
-        f'<text x="{size / 2}" y="{size - 8}" text-anchor="middle">exact patching effect</text>'
+        f'<text x="{x(lo)}" y="{size - pad + 14}" text-anchor="middle">{lo:.2f}</text>'
+        f'<text x="{x(hi)}" y="{size - pad + 14}" text-anchor="middle">{hi:.2f}</text>'
+        f'<text x="{pad - 4}" y="{y(lo)}" text-anchor="end">{lo:.2f}</text>'
+        f'<text x="{pad - 4}" y="{y(hi) + 4}" text-anchor="end">{hi:.2f}</text>'
+        f'<text x="{size / 2}" y="{size - 6}" text-anchor="middle">exact patching effect</text>'
         f'<text x="12" y="{size / 2}" transform="rotate(-90 12 {size / 2})" text-anchor="middle">'
         f"{html.escape(comparison.method)} estimate</text>{''.join(dots)}</svg>"
     )
@@ -91,8 +95,8 @@ def _scatter(comparison: Comparison, size: int = 360, pad: int = 40) -> str:
 def verify_html(comparison: Comparison) -> str:
     meta = (
         f"{comparison.n_cells} cells of the {comparison.kind} sweep; Spearman {comparison.spearman:.3f}, Kendall "
-        f"{comparison.kendall:.3f}. Red: cells where the estimate and the exact effect disagree (sign flip, or a gap "
-        f"above {comparison.gap_threshold}). The dashed line is agreement."
+        f"{comparison.kendall:.3f}, Pearson {comparison.pearson:.3f}. Red: cells where the estimate and the exact "
+        f"effect disagree (sign flip, or a gap above {comparison.gap_threshold}). The dashed line is agreement."
     )
     rows = "".join(
         f"<tr><td>{html.escape(d.site)}</td><td>{'' if d.position is None else d.position}</td>"
