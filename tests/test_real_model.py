@@ -89,3 +89,18 @@ def test_smollm2_demo_sweep_equals_the_one_cell_loop(smollm2):
     assert worst < 1e-5
     # The known story: the country token carries the answer until mid-depth, then it moves to the last token.
     assert float(result.effect[5, 3]) > 0.9 and float(result.effect[-1, -1]) > 0.9
+
+
+def test_smollm2_attribution_on_the_demo_prompt(smollm2):
+    from modelrecon.attribution.dla import direct_logit_attribution
+    from modelrecon.attribution.gradients import integrated_gradients
+    from modelrecon.attribution.lens import logit_lens
+
+    prompt = "The capital of France is"
+    lens = logit_lens(smollm2, prompt, target=" Paris")
+    assert int(lens.target_ranks[-1, -1]) == 0  # the last row is the model's own prediction: " Paris" on top
+    dla = direct_logit_attribution(smollm2, prompt, " Paris", " Rome")
+    assert dla.total == pytest.approx(dla.logit, abs=1e-4) and dla.logit == pytest.approx(7.3125, abs=1e-3)
+    ig = integrated_gradients(smollm2, prompt, "embed", " Paris", " Rome", baseline="The capital of Italy is", steps=16)
+    assert ig.completeness["relative_error"] < 0.01  # measured 0.033% (docs/attribution.md)
+    assert int(ig.per_position.abs().argmax()) == 3  # all of it on " France", the only token that differs
