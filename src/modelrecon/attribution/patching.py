@@ -28,8 +28,7 @@ from modelrecon.counterfactual.experiment import run_pairs
 from modelrecon.counterfactual.interventions import Patch, edits_for
 from modelrecon.counterfactual.metrics import ScoredItem, item_metric
 from modelrecon.counterfactual.pairs import Pair, tokenize_pairs
-from modelrecon.counterfactual.stats import bootstrap
-from modelrecon.counterfactual.sweep import DIRECTIONS, HEAD_SWEEPS, SweepResult, sweep_cells
+from modelrecon.counterfactual.sweep import DIRECTIONS, HEAD_SWEEPS, SweepResult, sweep_cells, sweep_result
 from modelrecon.errors import BadInputError
 from modelrecon.hooks.run import run
 from modelrecon.hooks.trace import hooked
@@ -39,6 +38,17 @@ from modelrecon.models.sites import site_name
 METHODS = ("atp", "atp-ig", "atp-gd", "atpstar")
 EDGE_METHODS = ("eap", "eap-ig")
 DIFFERENTIABLE = ("logit_diff", "logprob", "prob", "kl")
+
+
+def _check(method: str, methods: tuple[str, ...], direction: str, metric: str):
+    """Validate the options (before any model work) and return the metric's (name, function)."""
+    if method not in methods:
+        raise BadInputError(f"unknown method {method!r}; use one of {', '.join(methods)}")
+    if direction not in DIRECTIONS:
+        raise BadInputError(f"direction must be 'denoise' or 'noise', not {direction!r}")
+    if metric not in DIFFERENTIABLE:
+        raise BadInputError(f"metric {metric!r} is not differentiable; use one of {', '.join(DIFFERENTIABLE)}")
+    return item_metric(metric)
 
 
 def attribution_patching(
@@ -57,13 +67,7 @@ def attribution_patching(
 
     steps: points on the path for `atp-ig`.
     """
-    if method not in METHODS:
-        raise BadInputError(f"unknown attribution-patching method {method!r}; use one of {', '.join(METHODS)}")
-    if direction not in DIRECTIONS:
-        raise BadInputError(f"direction must be 'denoise' or 'noise', not {direction!r}")
-    if metric not in DIFFERENTIABLE:
-        raise BadInputError(f"metric {metric!r} is not differentiable; use one of {', '.join(DIFFERENTIABLE)}")
-    metric_name, fn = item_metric(metric)
+    metric_name, fn = _check(method, METHODS, direction, metric)
     tokens = tokenize_pairs(model, pairs)
     if kind not in HEAD_SWEEPS and len({t.length for t in tokens}) > 1:
         raise BadInputError("a position sweep needs pairs of one token length; use --sweep heads for mixed lengths")
@@ -96,24 +100,8 @@ def attribution_patching(
             estimate = torch.sign(estimate) * magnitude
         values[j] = (m_clean[-1] if base == "clean" else m_corrupt[-1]) + estimate.flatten().numpy()
 
-    clean, corrupt = np.array(m_clean)[:, None], np.array(m_corrupt)[:, None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        effects = np.where(clean != corrupt, (values - corrupt) / (clean - corrupt), np.nan)
-    estimates = bootstrap(effects, n_boot=n_boot, seed=seed)
-    return SweepResult(
-        kind=kind,
-        direction=direction,
-        metric=metric_name,
-        tokens=model.str_tokens(tokens[0].clean),
-        clean=float(np.mean(m_clean)),
-        corrupt=float(np.mean(m_corrupt)),
-        cells=cells,
-        values=values,
-        effects=effects,
-        ci_low=np.array([e.ci_low for e in estimates]),
-        ci_high=np.array([e.ci_high for e in estimates]),
-        shape=shape,
-        method=method,
+    return sweep_result(
+        model, tokens, kind, direction, metric_name, cells, shape, values, m_clean, m_corrupt, seed, n_boot, method
     )
 
 
@@ -249,13 +237,7 @@ def edge_attribution(
     `d resid_pre - d resid_mid`, for the MLP `d resid_mid - d resid_post`; for parallel-residual models the layer's
     attention and MLP share one input, `d resid_pre - d resid_post`. The logits read `resid_post` of the last layer.
     """
-    if method not in EDGE_METHODS:
-        raise BadInputError(f"unknown edge method {method!r}; use one of {', '.join(EDGE_METHODS)}")
-    if direction not in DIRECTIONS:
-        raise BadInputError(f"direction must be 'denoise' or 'noise', not {direction!r}")
-    if metric not in DIFFERENTIABLE:
-        raise BadInputError(f"metric {metric!r} is not differentiable; use one of {', '.join(DIFFERENTIABLE)}")
-    metric_name, fn = item_metric(metric)
+    metric_name, fn = _check(method, EDGE_METHODS, direction, metric)
     tokens = tokenize_pairs(model, pairs)
     n = model.n_layers
     resid = [site_name(k, i) for i in range(n) for k in ("resid_pre", "resid_mid", "resid_post")

@@ -346,6 +346,27 @@ def _run_sweep(
                 done += 1
             advance(len(list(_batches(len(cells), rows))) - done)  # batches saved by skipped cells
 
+    return sweep_result(
+        model, tokens, kind, direction, metric_name, cells, shape, values, m_clean, m_corrupt, seed, n_boot
+    )
+
+
+def sweep_result(
+    model: Model,
+    tokens: list[PairTokens],
+    kind: str,
+    direction: str,
+    metric_name: str,
+    cells: list[Cell],
+    shape: tuple[int, int],
+    values: np.ndarray,
+    m_clean: list[float],
+    m_corrupt: list[float],
+    seed: int,
+    n_boot: int,
+    method: str = "patching",
+) -> SweepResult:
+    """Normalised effects and bootstrap intervals from the metric of every (pair, cell): exact or estimated."""
     clean, corrupt = np.array(m_clean)[:, None], np.array(m_corrupt)[:, None]
     if np.all(clean == corrupt):
         raise BadInputError(
@@ -370,4 +391,5 @@ def _run_sweep(
         ci_low=np.array([e.ci_low for e in estimates]),
         ci_high=np.array([e.ci_high for e in estimates]),
         shape=shape,
+        method=method,
     )
