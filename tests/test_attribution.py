@@ -71,7 +71,7 @@ def test_dla_of_a_head_equals_removing_its_direct_path():
     assert term.value == pytest.approx(expected, abs=1e-6)
 
 
-def test_gradient_x_activation_and_integrated_gradients():
+def test_gradient_x_activation_and_integrated_gradients(tmp_path):
     m = tiny_model("qwen2")
     gxa = grad_x_act(m, PROMPTS[0], "layers.1.resid_post", "x", "q")
     x, q = m.tokenizer.convert_tokens_to_ids(["x", "q"])
@@ -88,6 +88,14 @@ def test_gradient_x_activation_and_integrated_gradients():
     assert errors[1] < errors[0] and errors[1] < 1e-3
     zero = integrated_gradients(m, "The cat sat", "layers.1.mlp.out", "x", "q", steps=64, batch_size=5)
     assert zero.completeness["relative_error"] < 1e-2 and zero.per_unit.shape == (11, m.d_model)
+    cube = mr.capture(m, PROMPTS, tmp_path / "mean.zarr", sites=["layers.1.mlp.out"], dtype="float32", progress=False)
+    from_cube = integrated_gradients(m, "The cat sat", "layers.1.mlp.out", "x", "q", baseline=cube, steps=32)
+    mean = torch.as_tensor(np.asarray(cube.get("mlp.out", layers=[1]))[:, 0].mean(0), dtype=torch.float32)
+    by_hand = integrated_gradients(m, "The cat sat", "layers.1.mlp.out", "x", "q", baseline=mean, steps=32)
+    torch.testing.assert_close(from_cube.per_unit, by_hand.per_unit, rtol=0, atol=1e-6)
+    assert from_cube.completeness["relative_error"] < 1e-2
+    with pytest.raises(BadInputError, match="the cube has no 'layers.0.mlp.out'"):
+        integrated_gradients(m, "The cat sat", "layers.0.mlp.out", "x", baseline=cube)
     with pytest.raises(BadInputError, match="'logits' is what the attribution explains"):
         integrated_gradients(m, "The cat sat", "logits", "x")
     with pytest.raises(BadInputError, match="baseline prompt 'Hi' has 2 tokens"):

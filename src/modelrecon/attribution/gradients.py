@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from modelrecon.counterfactual.metrics import single_token
+from modelrecon.cube.reader import Cube
 from modelrecon.errors import BadInputError
 from modelrecon.hooks.run import run
 from modelrecon.models.model import Model
@@ -97,8 +99,9 @@ def integrated_gradients(
 ) -> GradientAttribution:
     """Integrated gradients of the target with respect to the site, from `baseline` to the prompt's value.
 
-    baseline: None (zeros), a tensor broadcastable to the site's `[pos, ...]` (e.g. a mean activation over units), or
-    a counterfactual prompt of the same length (its value at the site). The midpoint rule over `steps` is used.
+    baseline: None (zeros), a tensor broadcastable to the site's `[pos, ...]` (e.g. a mean activation over units), a
+    `Cube` holding the site (its mean over all captured tokens), or a counterfactual prompt of the same length (its
+    value at the site). The midpoint rule over `steps` is used.
     """
     if steps < 1 or batch_size < 1:
         raise BadInputError(f"steps and batch_size must be at least 1, not {steps} and {batch_size}")
@@ -139,6 +142,12 @@ def integrated_gradients(
 def _baseline(model: Model, baseline, actual: torch.Tensor, site: str, n_tokens: int) -> torch.Tensor:
     if baseline is None:
         return torch.zeros_like(actual)
+    if isinstance(baseline, Cube):
+        info = parse_site(site)
+        if info.kind not in baseline.site_kinds or info.layer not in baseline.layers(info.kind):
+            raise BadInputError(f"the cube has no '{site}' to average; capture that site or choose another baseline")
+        mean = np.asarray(baseline.get(info.kind, layers=[info.layer]), dtype=np.float64)[:, 0].mean(0)
+        return torch.as_tensor(mean, dtype=actual.dtype).expand_as(actual).clone()
     if isinstance(baseline, str):
         other = site_values(model, baseline, site)
         if other.shape != actual.shape:
