@@ -469,7 +469,9 @@ def _pair_attribution(loaded, method, pair_list, sweep, direction, steps) -> str
             table.add_row(escape(f"{e['upstream']} -> {e['downstream']}"), f"{e['score']:+.4f}")
         stdout.print(table)
         return result.to_json()
-    result = attribution_patching(loaded, pair_list, sweep, method=method, direction=direction, steps=steps)
+    result = attribution_patching(
+        loaded, pair_list, sweep, method=method, direction=direction, steps=steps, progress=True
+    )
     stdout.print(f"{method} estimate of the {sweep} sweep over {len(pair_list)} pair(s)", markup=False)
     return result.to_json()
 
@@ -511,7 +513,9 @@ def verify(
         raise BadInputError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
     pair_list = _pair_list(pairs, clean, corrupt, answer, wrong)
     loaded = _load(model)
-    estimate = attribution_patching(loaded, pair_list, sweep, method=method, direction=direction, steps=steps)
+    estimate = attribution_patching(
+        loaded, pair_list, sweep, method=method, direction=direction, steps=steps, progress=True
+    )
     exact = run_sweep(loaded, pair_list, sweep, direction=direction, progress=True)
     report = compare(estimate, exact)
     write_text_atomic(

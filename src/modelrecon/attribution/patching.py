@@ -34,6 +34,7 @@ from modelrecon.hooks.run import run
 from modelrecon.hooks.trace import hooked
 from modelrecon.models.model import Model
 from modelrecon.models.sites import site_name
+from modelrecon.progress import token_progress
 
 METHODS = ("atp", "atp-ig", "atp-gd", "atpstar")
 EDGE_METHODS = ("eap", "eap-ig")
@@ -62,6 +63,7 @@ def attribution_patching(
     steps: int = 16,
     seed: int = 0,
     n_boot: int = 1000,
+    progress: bool = False,
 ) -> SweepResult:
     """Estimate a whole patching sweep (`kind` as in `counterfactual.sweep`) by attribution patching.
 
@@ -78,31 +80,41 @@ def attribution_patching(
 
     values = np.zeros((len(tokens), len(cells)))
     m_clean, m_corrupt = [], []
-    for j, pair in enumerate(tokens):
-        clean_logits, clean_acts = run_pairs(model, tokens, "clean", sites if source == "clean" else (), items=[j])
-        cf_logits, cf_acts = run_pairs(model, tokens, "counterfactual", sites if source != "clean" else (), items=[j])
-        item = ScoredItem(pair.answer, pair.wrong, clean_logits[0])
-        m_clean.append(float(fn(clean_logits[0], item)))
-        m_corrupt.append(float(fn(cf_logits[0], item)))
-        source_acts = clean_acts if source == "clean" else cf_acts
-        base_ids = getattr(pair, base)
-        if method == "atpstar" and kind in ("q", "k"):
-            estimate = _qk_fixed(model, base_ids, sites, source_acts, item, fn, kind)
-        elif method == "atp-ig":
-            source_ids = getattr(pair, source)
-            estimate = _path_averaged(model, base_ids, source_ids, sites, source_acts, item, fn, kind, steps)
-        else:
-            estimate = _first_order(model, base_ids, sites, source_acts, item, fn, kind)
-        if method == "atp-gd":
-            dropped = [_first_order(model, base_ids, sites, source_acts, item, fn, kind, drop=layer)
-                       for layer in range(model.n_layers)]  # fmt: skip
-            magnitude = torch.stack(dropped).abs().sum(0) / max(1, model.n_layers - 1)
-            estimate = torch.sign(estimate) * magnitude
-        values[j] = (m_clean[-1] if base == "clean" else m_corrupt[-1]) + estimate.flatten().numpy()
-
+    with token_progress(len(tokens), enabled=progress, label=method, unit="pairs", rate_unit="pair") as advance:
+        for j, pair in enumerate(tokens):
+            values[j], clean_value, corrupt_value = _estimate_pair(
+                model, tokens, j, pair, kind, sites, base, source, method, steps, fn
+            )
+            m_clean.append(clean_value)
+            m_corrupt.append(corrupt_value)
+            advance(1)
     return sweep_result(
         model, tokens, kind, direction, metric_name, cells, shape, values, m_clean, m_corrupt, seed, n_boot, method
     )
+
+
+def _estimate_pair(model, tokens, j, pair, kind, sites, base, source, method, steps, fn):
+    """(the estimated metric of every cell, the clean metric, the corrupt metric) for pair j."""
+    clean_logits, clean_acts = run_pairs(model, tokens, "clean", sites if source == "clean" else (), items=[j])
+    cf_logits, cf_acts = run_pairs(model, tokens, "counterfactual", sites if source != "clean" else (), items=[j])
+    item = ScoredItem(pair.answer, pair.wrong, clean_logits[0])
+    m_clean, m_corrupt = float(fn(clean_logits[0], item)), float(fn(cf_logits[0], item))
+    source_acts = clean_acts if source == "clean" else cf_acts
+    base_ids = getattr(pair, base)
+    if method == "atpstar" and kind in ("q", "k"):
+        estimate = _qk_fixed(model, base_ids, sites, source_acts, item, fn, kind)
+    elif method == "atp-ig":
+        source_ids = getattr(pair, source)
+        estimate = _path_averaged(model, base_ids, source_ids, sites, source_acts, item, fn, kind, steps)
+    else:
+        estimate = _first_order(model, base_ids, sites, source_acts, item, fn, kind)
+    if method == "atp-gd":
+        dropped = [_first_order(model, base_ids, sites, source_acts, item, fn, kind, drop=layer)
+                   for layer in range(model.n_layers)]  # fmt: skip
+        magnitude = torch.stack(dropped).abs().sum(0) / max(1, model.n_layers - 1)
+        estimate = torch.sign(estimate) * magnitude
+    values = (m_clean if base == "clean" else m_corrupt) + estimate.flatten().numpy()
+    return values, m_clean, m_corrupt
 
 
 def _cells(kind: str, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
