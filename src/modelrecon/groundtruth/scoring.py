@@ -1,0 +1,55 @@
+"""How well a method's unit scores recover a known ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from modelrecon.attribution.compare import kendall_tau_b, spearman
+
+
+def roc_auc(scores: np.ndarray, is_true: np.ndarray) -> float:
+    """Probability that a true unit outscores an inert one (ties count half): the ROC AUC of the scores."""
+    pos, neg = scores[is_true], scores[~is_true]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (len(pos) * len(neg)))
+
+
+def pessimistic_auc(scores: np.ndarray, is_true: np.ndarray) -> float:
+    """ROC AUC where every tie between a true and an inert unit counts against the method (InterpBench's reading:
+    a method that gives everything the same score found nothing)."""
+    pos, neg = scores[is_true], scores[~is_true]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    return float((pos[:, None] > neg[None, :]).sum() / (len(pos) * len(neg)))
+
+
+def average_precision(scores: np.ndarray, is_true: np.ndarray) -> float:
+    """Mean precision at the rank of each true unit, ranking by score (ties broken against the method)."""
+    order = np.lexsort((is_true.astype(int), -scores))  # higher score first; among ties, inert units first
+    hits = is_true[order]
+    if not hits.any():
+        return float("nan")
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].mean())
+
+
+def sign_accuracy(scores: np.ndarray, truth: dict[int, int]) -> float:
+    """Fraction of true units whose score has the true sign (a zero score is wrong)."""
+    return float(np.mean([np.sign(scores[u]) == s for u, s in truth.items()]))
+
+
+def score_method(scores: np.ndarray, truth: dict[int, int], exact: np.ndarray, twin_scores: np.ndarray | None) -> dict:
+    """Every figure the suite reports for one method's signed unit scores."""
+    is_true = np.zeros(len(scores), dtype=bool)
+    is_true[list(truth)] = True
+    magnitude = np.abs(scores)
+    return {
+        "roc_auc": roc_auc(magnitude, is_true),
+        "pessimistic_auc": pessimistic_auc(magnitude, is_true),
+        "average_precision": average_precision(magnitude, is_true),
+        "sign_accuracy": sign_accuracy(scores, truth),
+        "kendall_vs_exact": kendall_tau_b(scores, exact),
+        "twin_spearman": None if twin_scores is None else spearman(scores, twin_scores),
+    }

@@ -1,0 +1,158 @@
+"""White-box tasks: real Hugging Face models with hand-set weights whose mechanism is known by construction.
+
+Each task says which units of which site matter, with signs (the ground truth), which prompts exercise it, and how
+to build its weight-randomised twin. `tests/test_groundtruth.py` proves every ground truth by intervention: ablating
+the true units breaks the behaviour, ablating all the others leaves it exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from modelrecon.groundtruth.build import write_task_model
+from modelrecon.models.loading import load
+from modelrecon.models.model import Model
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    site: str  # the site whose units the ground truth names
+    truth: dict[int, int]  # unit -> sign of its contribution to the metric (+1 / -1); every other unit is inert
+    n_units: int
+    prompts: list[str]
+    answer: str
+    wrong: str
+    weights: Callable[[], tuple[str, dict, dict[str, torch.Tensor], list[str]]] = field(repr=False)
+    notes: str = ""
+    units: tuple[int, ...] | None = None  # the units that are scored (default: all n_units)
+    baseline: torch.Tensor | None = None  # integrated gradients' baseline at the site (default: zeros)
+
+    def scored_units(self) -> list[int]:
+        return list(self.units) if self.units is not None else list(range(self.n_units))
+
+    def model(self, twin: bool = False, seed: int = 0) -> Model:
+        """The task model, loaded through `modelrecon.load`; `twin=True`: the same architecture, random weights."""
+        model_type, config, weights, words = self.weights()
+        name = self.name
+        if twin:
+            weights = randomised(weights, seed)
+            name += f"-twin{seed}"
+        return load(str(write_task_model(name, model_type, config, weights, words)))
+
+
+def randomised(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Gaussian weights of each tensor's own scale (its standard deviation, or its mean size where it is constant,
+    like a norm's ones): the twin keeps the architecture and loses the mechanism."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in weights.items():
+        scale = value.std() if value.numel() > 1 and value.std() > 0 else value.abs().mean().clamp_min(1e-3)
+        out[key] = torch.randn(value.shape, generator=generator) * scale
+    return out
+
+
+# --- MLP: an additive part, an AND gate and a saturated unit --------------------------------------------------------
+# Every norm in a standard architecture rescales the residual vector. An anchor dimension holding a large constant
+# makes that rescaling the same for every input (to ~1e-6), so hand-set circuits stay exact: the norm weights undo
+# the constant factor, and the anchor comes out of each norm as the constant 1 that biases read.
+ANCHOR_VALUE = 1000.0
+
+
+def _anchored_norm_weight(d: int, anchor: int) -> torch.Tensor:
+    """RMS-norm weights that turn a residual vector with the anchor into itself, the anchor into 1."""
+    scale = ANCHOR_VALUE / d**0.5  # the RMS of a residual vector, the anchor dominating
+    weight = torch.full((d,), scale)
+    weight[anchor] = scale / ANCHOR_VALUE
+    return weight
+
+
+# Residual dimensions of the MLP task.
+F1, NOT_F1, F2, NOT_F2, ANCHOR, OUT = range(6)
+
+
+def _mlp_gate_weights():
+    """Llama, one layer, d_model 8, 8 ReLU neurons (the gated MLP's up projection reads the anchor: 1).
+
+    Tokens "ab" carry two binary features f1 = a, f2 = b (one-hot per feature) and the anchor. Attention writes
+    nothing. The neurons:
+      0: AND      relu(f1 + f2 - 1.5)      -> out += 4 * n0 (2 when both are on)
+      1: additive relu(f1)                 -> out += n1
+      2, 3: clamp relu(3 f2) - relu(3 f2 - 1) = min(3 f2, 1) -> out += n2 - n3 (saturated where f2 = 1: no gradient)
+      4, 5, 6: active but inert (read f1, f2, the anchor; write nothing); 7: dead.
+    The unembedding reads `out` (through the final norm): logit(Y) - logit(N) = 4 * out.
+    """
+    d, n = 8, 8
+    words = ["00", "01", "10", "11", "Y", "N"]
+    vocab = {w: i + 2 for i, w in enumerate(words)}
+    embed = torch.zeros(len(words) + 2, d)
+    for word in ("00", "01", "10", "11"):
+        a, b = int(word[0]), int(word[1])
+        embed[vocab[word], [F1, NOT_F1, F2, NOT_F2, ANCHOR]] = torch.tensor([a, 1 - a, b, 1 - b, ANCHOR_VALUE])
+    gate = torch.zeros(n, d)
+    gate[0, [F1, F2, ANCHOR]] = torch.tensor([1.0, 1.0, -1.5])  # a margin: no input sits on the kink
+    gate[1, F1] = 1.0
+    gate[2, F2] = 3.0
+    gate[3, [F2, ANCHOR]] = torch.tensor([3.0, -1.0])
+    gate[4, F1], gate[5, F2], gate[6, ANCHOR] = 1.0, 1.0, 1.0
+    up = torch.zeros(n, d)
+    up[:, ANCHOR] = 1.0
+    down = torch.zeros(d, n)
+    down[OUT, :4] = torch.tensor([4.0, 1.0, 1.0, -1.0])
+    unembed = torch.zeros(len(words) + 2, d)
+    unembed[vocab["Y"], OUT], unembed[vocab["N"], OUT] = 2.0, -2.0
+    config = dict(hidden_size=d, intermediate_size=n, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, vocab_size=len(words) + 2, hidden_act="relu", tie_word_embeddings=False,
+                  rms_norm_eps=1e-6, max_position_embeddings=8, pad_token_id=0)  # fmt: skip
+    norm = _anchored_norm_weight(d, ANCHOR)
+    weights = {
+        "model.embed_tokens.weight": embed,
+        "model.layers.0.input_layernorm.weight": norm,
+        "model.layers.0.post_attention_layernorm.weight": norm,
+        "model.layers.0.mlp.gate_proj.weight": gate,
+        "model.layers.0.mlp.up_proj.weight": up,
+        "model.layers.0.mlp.down_proj.weight": down,
+        "model.norm.weight": norm,
+        "lm_head.weight": unembed,
+    }
+    return "llama", config, weights, words
+
+
+MLP_GATE = Task(
+    name="mlp_gate",
+    description="one MLP layer: an AND gate, an additive unit, a saturated clamp, and inert active neurons",
+    site="layers.0.mlp.neurons",
+    truth={0: +1, 1: +1, 2: +1, 3: -1},
+    n_units=8,
+    prompts=["00", "01", "10", "11"],
+    answer=" Y",
+    wrong=" N",
+    weights=_mlp_gate_weights,
+    notes="On '01' the feature f2 drives the output only through the saturated clamp and the AND gate's kink, where "
+    "the gradient is zero: gradient x activation at the input embeddings gives f2 nothing, zero-ablation shows it.",
+)
+
+_ANCHOR_ONLY = torch.zeros(8)
+_ANCHOR_ONLY[ANCHOR] = ANCHOR_VALUE
+
+MLP_GATE_INPUTS = Task(
+    name="mlp_gate_inputs",
+    description="the mlp_gate model read at its input features on '01': f2 matters only through a saturated unit",
+    site="embed",
+    truth={F2: +1},  # zeroing f2 removes the output; f1 and not-f2 are 0 here, not-f1 is read by nothing
+    n_units=8,
+    units=(F1, NOT_F1, F2, NOT_F2),
+    baseline=_ANCHOR_ONLY,  # no features, the anchor kept (a zero anchor would make every norm blow up)
+    prompts=["01"],
+    answer=" Y",
+    wrong=" N",
+    weights=_mlp_gate_weights,
+    notes="The saturated region: the gradient of the output with respect to f2 is zero on '01' (the clamp is "
+    "saturated and the AND gate is off), so gradient x activation ranks f2 with the inert inputs.",
+)
+
+TASKS: dict[str, Task] = {t.name: t for t in (MLP_GATE, MLP_GATE_INPUTS)}

@@ -1,0 +1,72 @@
+"""The white-box tasks: each ground truth proved by intervention, and the runner detecting a method's real failure."""
+
+import json
+
+import numpy as np
+import pytest
+
+from modelrecon.attribution.gradients import target_fn
+from modelrecon.counterfactual import Zero, run_with
+from modelrecon.groundtruth.runner import markdown, run_suite
+from modelrecon.groundtruth.scoring import average_precision, pessimistic_auc, roc_auc
+from modelrecon.groundtruth.tasks import TASKS
+
+from conftest import assert_one_line_error, cli
+
+
+def _metric(model, task, prompt, interventions=()):
+    _, fn = target_fn(model, task.answer, task.wrong)
+    return float(fn(run_with(model, prompt, list(interventions)).logits[0][-1]))
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_ground_truth_holds_by_intervention(name):
+    task = TASKS[name]
+    model = task.model()
+    assert model.name.startswith(name)  # a folder loaded through modelrecon.load
+    true_units = sorted(task.truth)
+    others = [u for u in task.scored_units() if u not in task.truth]
+    broke = False
+    for prompt in task.prompts:
+        clean = _metric(model, task, prompt)
+        without_rest = _metric(model, task, prompt, [Zero(task.site, units=others)])
+        assert without_rest == pytest.approx(clean, abs=1e-4), prompt  # everything else ablated: behaviour kept
+        without_truth = _metric(model, task, prompt, [Zero(task.site, units=true_units)])
+        assert abs(without_truth) < 1e-3, prompt  # the true circuit ablated: no preference left
+        broke |= abs(clean) > 1.0
+    assert broke  # the behaviour was there to break
+
+
+def test_runner_scores_methods_and_detects_the_saturation_failure():
+    report = run_suite()
+    by_task = {t["task"]: t["methods"] for t in report["tasks"]}
+    for name, methods in by_task.items():
+        assert methods["exact"]["roc_auc"] == 1.0, name  # no redundancy in these tasks: exact ablation finds all
+    saturated = by_task["mlp_gate_inputs"]
+    assert saturated["grad-x-act"]["roc_auc"] < 1.0 and saturated["grad-x-act"]["sign_accuracy"] == 0.0
+    assert saturated["ig"]["roc_auc"] == 1.0  # integrating along the path passes through the unsaturated region
+    assert not saturated["dla"]["applicable"]
+    assert all(abs(m["twin_spearman"]) < 0.7 for m in by_task["mlp_gate"].values())  # the twin's scores differ
+    table = markdown(report)
+    assert table.count("\n") == 2 + sum(len(m) for m in by_task.values())
+
+
+def test_scoring_functions():
+    truth = np.array([True, True, False, False])
+    assert roc_auc(np.array([3.0, 2.0, 1.0, 0.0]), truth) == 1.0
+    assert roc_auc(np.array([1.0, 1.0, 1.0, 1.0]), truth) == 0.5  # all tied: chance
+    assert pessimistic_auc(np.array([1.0, 1.0, 1.0, 1.0]), truth) == 0.0  # ... and nothing found
+    assert average_precision(np.array([3.0, 0.0, 2.0, 1.0]), truth) == pytest.approx((1 + 2 / 4) / 2)
+
+
+def test_cli_groundtruth_run(capsys, tmp_path):
+    out, md = tmp_path / "gt.json", tmp_path / "gt.md"
+    code, stdout, _ = cli(capsys, "groundtruth", "run", "--tasks", "mlp_gate_inputs", "--methods", "exact",
+                          "--methods", "grad-x-act", "--json", out, "--markdown", md)  # fmt: skip
+    assert code == 0 and "mlp_gate_inputs" in stdout
+    data = json.loads(out.read_text())
+    assert set(data["tasks"][0]["methods"]) == {"exact", "grad-x-act"}
+    assert md.read_text().startswith("| task | method |")
+    code, _, err = cli(capsys, "groundtruth", "run", "--tasks", "nope", "--json", tmp_path / "x.json")
+    assert_one_line_error(code, err, "unknown task(s) nope")
+    assert not (tmp_path / "x.json").exists()
