@@ -28,41 +28,64 @@ from modelrecon.models.model import Model
 from modelrecon.models.sites import parse_site
 
 
+def _units(model: Model, task: Task) -> list[tuple[str, dict]]:
+    """Every unit as (site, selection): `units=[u]` on one site, or `heads=[h]` on each layer's attn.heads."""
+    sites = model.resolve_sites(task.site)
+    if parse_site(sites[0]).kind == "attn.heads":
+        return [(site, {"heads": [h]}) for site in sites for h in range(model.n_heads)]
+    (site,) = sites
+    return [(site, {"units": [u]}) for u in range(task.n_units)]
+
+
+def _per_unit(model: Model, site: str, values: torch.Tensor) -> np.ndarray:
+    """A per-element attribution `[pos, ...]` summed into one number per unit (per head for attn.heads)."""
+    values = values.double()
+    if parse_site(site).kind == "attn.heads":
+        return values.sum(dim=(0, 2)).numpy()
+    return values.sum(0).numpy()
+
+
 def _exact(model: Model, task: Task) -> np.ndarray:
-    _, fn = target_fn(model, task.answer, task.wrong)
     out = np.zeros(task.n_units)
-    for prompt in task.prompts:
+    for prompt, answer, wrong in task.answer_pairs():
+        _, fn = target_fn(model, answer, wrong)
         clean = float(fn(run(model, prompt).logits[0][-1]))
-        for unit in range(task.n_units):
-            ablated = run_with(model, prompt, [Zero(task.site, units=[unit])]).logits[0][-1]
-            out[unit] += clean - float(fn(ablated))
+        for k, (site, selection) in enumerate(_units(model, task)):
+            ablated = run_with(model, prompt, [Zero(site, **selection)]).logits[0][-1]
+            out[k] += clean - float(fn(ablated))
     return out / len(task.prompts)
 
 
-def _per_unit(result) -> np.ndarray:
-    return result.per_unit.double().sum(0).numpy()  # summed over positions
+def _gradient_method(model: Model, task: Task, attribute) -> np.ndarray:
+    sites = model.resolve_sites(task.site)
+    total = np.zeros(task.n_units)
+    for prompt, answer, wrong in task.answer_pairs():
+        total += np.concatenate([_per_unit(model, s, attribute(prompt, s, answer, wrong).per_unit) for s in sites])
+    return total / len(task.prompts)
 
 
 def _grad_x_act(model: Model, task: Task) -> np.ndarray:
-    return np.mean([_per_unit(grad_x_act(model, p, task.site, task.answer, task.wrong)) for p in task.prompts], 0)
+    return _gradient_method(model, task, lambda p, s, a, w: grad_x_act(model, p, s, a, w))
 
 
 def _ig(model: Model, task: Task) -> np.ndarray:
-    results = [
-        integrated_gradients(model, p, task.site, task.answer, task.wrong, baseline=task.baseline, steps=32)
-        for p in task.prompts
-    ]
-    return np.mean([_per_unit(r) for r in results], 0)
+    def attribute(prompt, site, answer, wrong):
+        return integrated_gradients(model, prompt, site, answer, wrong, baseline=task.baseline, steps=32)
+
+    return _gradient_method(model, task, attribute)
 
 
 def _dla(model: Model, task: Task) -> np.ndarray:
-    if parse_site(task.site).kind != "mlp.neurons":
-        raise BadInputError(f"dla scores MLP neurons, not {task.site}")
+    sites = model.resolve_sites(task.site)
+    kind = parse_site(sites[0]).kind
+    if kind not in ("mlp.neurons", "attn.heads"):
+        raise BadInputError(f"dla scores MLP neurons and attention heads, not {task.site}")
     out = np.zeros(task.n_units)
-    for prompt in task.prompts:
-        for term in direct_logit_attribution(model, prompt, task.answer, task.wrong, neurons=True).terms:
-            if term.site == task.site:
-                out[term.neuron] += term.value
+    for prompt, answer, wrong in task.answer_pairs():
+        for term in direct_logit_attribution(model, prompt, answer, wrong, neurons=kind == "mlp.neurons").terms:
+            if term.site in sites:
+                unit = term.neuron if kind == "mlp.neurons" else term.layer * model.n_heads + term.head
+                out[unit] += term.value
     return out / len(task.prompts)
 
 

@@ -31,6 +31,12 @@ class Task:
     notes: str = ""
     units: tuple[int, ...] | None = None  # the units that are scored (default: all n_units)
     baseline: torch.Tensor | None = None  # integrated gradients' baseline at the site (default: zeros)
+    answers: list[tuple[str, str]] | None = None  # per prompt (answer, wrong), where they differ by prompt
+
+    def answer_pairs(self) -> list[tuple[str, str, str]]:
+        """(prompt, answer, wrong) for every prompt."""
+        pairs = self.answers or [(self.answer, self.wrong)] * len(self.prompts)
+        return [(p, a, w) for p, (a, w) in zip(self.prompts, pairs, strict=True)]
 
     def scored_units(self) -> list[int]:
         return list(self.units) if self.units is not None else list(range(self.n_units))
@@ -155,4 +161,81 @@ MLP_GATE_INPUTS = Task(
     "saturated and the AND gate is off), so gradient x activation ranks f2 with the inert inputs.",
 )
 
-TASKS: dict[str, Task] = {t.name: t for t in (MLP_GATE, MLP_GATE_INPUTS)}
+# --- induction: a previous-token head composing with an induction head, plus inert distractor heads -----------------
+LETTERS = list("ABCDEFGH")
+# Residual dimensions: the anchor, the token (T), the previous token (P, written by layer 0), the output (O, written
+# by layer 1, read by the unembedding), and a junk region (J) that the distractor heads write and nothing reads.
+I_ANCHOR, I_T, I_P, I_O, I_J = 0, 1, 9, 17, 25
+ROPE_THETA = 256.0  # rotary frequencies 2^-i per position for the pairs (i, i + 8) of a 16-dim head
+CONTENT_SLOTS = [4, 5, 6, 7, 12, 13, 14, 15]  # the slowest-rotating pairs: content matching barely sees position
+
+
+def _induction_weights():
+    """Llama, two layers, d_model 40, two heads of 16 dims per layer; MLPs are all zero.
+
+    Layer 0 head 0 (previous-token head): a constant query and key on rotary pair 1 (0.5 rad per position), phased
+    so the score peaks at one position back; its value is the token, written to P.
+    Layer 1 head 0 (induction head): query = the current token, key = P (both on the slow pairs), so it attends to
+    the position right after the current token's earlier occurrence; its value is that token, written to O.
+    Head 1 of each layer attends uniformly and writes the token into J, which nothing reads (active, inert).
+    The unembedding reads O: the logit of the copied token is 10.
+    """
+    d, head_dim, n_heads = 40, 16, 2
+    words = LETTERS
+    vocab = {w: i + 2 for i, w in enumerate(words)}
+    embed = torch.zeros(len(words) + 2, d)
+    for k, w in enumerate(words):
+        embed[vocab[w], I_ANCHOR], embed[vocab[w], I_T + k] = ANCHOR_VALUE, 1.0
+    proj = {name: torch.zeros(2, n_heads * head_dim, d) for name in ("q", "k", "v")}
+    o = torch.zeros(2, d, n_heads * head_dim)
+    omega, prev_scale = 0.5, 800.0**0.5  # score 800 * 0.25 * cos((p - j - 1) * omega)
+    proj["q"][0, 1, I_ANCHOR] = prev_scale
+    proj["k"][0, 1, I_ANCHOR] = prev_scale * torch.cos(torch.tensor(omega))
+    proj["k"][0, 1 + 8, I_ANCHOR] = prev_scale * torch.sin(torch.tensor(omega))
+    match_scale = 250.0**0.5
+    for k, slot in enumerate(CONTENT_SLOTS):
+        proj["q"][1, slot, I_T + k] = match_scale
+        proj["k"][1, slot, I_P + k] = match_scale
+    for layer in (0, 1):
+        for k in range(len(words)):
+            proj["v"][layer, k, I_T + k] = 1.0  # head 0's value: the token
+            proj["v"][layer, head_dim + k, I_T + k] = 1.0  # head 1's value: the token too
+            o[layer, I_J + k, head_dim + k] = 1.0  # head 1 writes junk
+        target = I_P if layer == 0 else I_O
+        for k in range(len(words)):
+            o[layer, target + k, k] = 1.0
+    unembed = torch.zeros(len(words) + 2, d)
+    for k, w in enumerate(words):
+        unembed[vocab[w], I_O + k] = 10.0
+    config = dict(hidden_size=d, intermediate_size=4, num_hidden_layers=2, num_attention_heads=n_heads,
+                  num_key_value_heads=n_heads, head_dim=head_dim, vocab_size=len(words) + 2, hidden_act="relu",
+                  tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=32, pad_token_id=0,
+                  rope_theta=ROPE_THETA)  # fmt: skip
+    norm = _anchored_norm_weight(d, I_ANCHOR)
+    weights = {"model.embed_tokens.weight": embed, "model.norm.weight": norm, "lm_head.weight": unembed}
+    for layer in (0, 1):
+        prefix = f"model.layers.{layer}."
+        weights[prefix + "input_layernorm.weight"] = norm
+        weights[prefix + "post_attention_layernorm.weight"] = norm
+        for name in ("q", "k", "v"):
+            weights[prefix + f"self_attn.{name}_proj.weight"] = proj[name][layer]
+        weights[prefix + "self_attn.o_proj.weight"] = o[layer]
+    return "llama", config, weights, words
+
+
+INDUCTION = Task(
+    name="induction",
+    description="a previous-token head (0.0) composing with an induction head (1.0); heads 0.1 and 1.1 are inert",
+    site="layers.*.attn.heads",
+    truth={0: +1, 2: +1},  # units are layer * 2 + head
+    n_units=4,
+    prompts=["C A F B E A", "D B G C B", "E H A C F H", "B D F A G D", "H C E G B E"],
+    answer="",  # per prompt: the token after the last token's earlier occurrence (see `answers`)
+    wrong="",
+    weights=_induction_weights,
+    notes="The previous-token head writes nothing to the logits directly, so direct logit attribution misses it: "
+    "DLA finds direct effects only.",
+    answers=[(" F", " B"), (" G", " C"), (" A", " C"), (" F", " A"), (" G", " C")],
+)
+
+TASKS: dict[str, Task] = {t.name: t for t in (MLP_GATE, MLP_GATE_INPUTS, INDUCTION)}
