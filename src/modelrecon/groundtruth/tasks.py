@@ -161,6 +161,65 @@ MLP_GATE_INPUTS = Task(
     "saturated and the AND gate is off), so gradient x activation ranks f2 with the inert inputs.",
 )
 
+# --- OR: two redundant units behind a saturating gate, and a suppressing unit ----------------------------------------
+O_F, O_NOT_F, O_ANCHOR, O_SUM, O_OUT = range(5)
+
+
+def _mlp_or_weights():
+    """Llama, two layers, d_model 8. Layer 0's neurons read one binary feature f:
+      0, 1: relu(f), both added into a sum dimension (two redundant paths);
+      2: relu(f), writes -0.5 to the output directly (a suppressor); 3-7: active but inert.
+    Layer 1 gates the sum: relu(s) - relu(s - 1) = min(s, 1) -> out. With f = 1 the sum is 2: the gate is saturated,
+    so either path alone still gives out = 1 (an OR), and only removing both changes anything.
+    logit(Y) - logit(N) = 4 * out: 4 * (1 - 0.5) = 2 on "1", 0 on "0".
+    """
+    d, n = 8, 8
+    words = ["0", "1", "Y", "N"]
+    vocab = {w: i + 2 for i, w in enumerate(words)}
+    embed = torch.zeros(len(words) + 2, d)
+    for word in ("0", "1"):
+        f = float(word)
+        embed[vocab[word], [O_F, O_NOT_F, O_ANCHOR]] = torch.tensor([f, 1 - f, ANCHOR_VALUE])
+    gate0, up0, down0 = torch.zeros(n, d), torch.zeros(n, d), torch.zeros(d, n)
+    gate0[:, O_F] = 1.0  # every layer-0 neuron reads f
+    up0[:, O_ANCHOR] = 1.0
+    down0[O_SUM, 0], down0[O_SUM, 1], down0[O_OUT, 2] = 1.0, 1.0, -0.5
+    gate1, up1, down1 = torch.zeros(n, d), torch.zeros(n, d), torch.zeros(d, n)
+    gate1[0, O_SUM], gate1[1, [O_SUM, O_ANCHOR]] = 1.0, torch.tensor([1.0, -1.0])
+    up1[:2, O_ANCHOR] = 1.0
+    down1[O_OUT, 0], down1[O_OUT, 1] = 1.0, -1.0
+    unembed = torch.zeros(len(words) + 2, d)
+    unembed[vocab["Y"], O_OUT], unembed[vocab["N"], O_OUT] = 2.0, -2.0
+    config = dict(hidden_size=d, intermediate_size=n, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, vocab_size=len(words) + 2, hidden_act="relu", tie_word_embeddings=False,
+                  rms_norm_eps=1e-6, max_position_embeddings=8, pad_token_id=0)  # fmt: skip
+    norm = _anchored_norm_weight(d, O_ANCHOR)
+    weights = {"model.embed_tokens.weight": embed, "model.norm.weight": norm, "lm_head.weight": unembed}
+    for layer, (gate, up, down) in enumerate(((gate0, up0, down0), (gate1, up1, down1))):
+        prefix = f"model.layers.{layer}."
+        weights[prefix + "input_layernorm.weight"] = norm
+        weights[prefix + "post_attention_layernorm.weight"] = norm
+        weights[prefix + "mlp.gate_proj.weight"] = gate
+        weights[prefix + "mlp.up_proj.weight"] = up
+        weights[prefix + "mlp.down_proj.weight"] = down
+    return "llama", config, weights, words
+
+
+MLP_OR = Task(
+    name="mlp_or",
+    description="two redundant units behind a saturated gate (an OR) and a suppressing unit, at layer 0's neurons",
+    site="layers.0.mlp.neurons",
+    truth={0: +1, 1: +1, 2: -1},
+    n_units=8,
+    prompts=["1"],
+    answer=" Y",
+    wrong=" N",
+    weights=_mlp_or_weights,
+    notes="Removing either redundant unit alone changes nothing (the other keeps the saturated gate at 1), so "
+    "single-unit ablation and the gradient both miss them; only the suppressor shows.",
+)
+
+
 # --- induction: a previous-token head composing with an induction head, plus inert distractor heads -----------------
 LETTERS = list("ABCDEFGH")
 # Residual dimensions: the anchor, the token (T), the previous token (P, written by layer 0), the output (O, written
@@ -238,4 +297,4 @@ INDUCTION = Task(
     answers=[(" F", " B"), (" G", " C"), (" A", " C"), (" F", " A"), (" G", " C")],
 )
 
-TASKS: dict[str, Task] = {t.name: t for t in (MLP_GATE, MLP_GATE_INPUTS, INDUCTION)}
+TASKS: dict[str, Task] = {t.name: t for t in (MLP_GATE, MLP_GATE_INPUTS, MLP_OR, INDUCTION)}
