@@ -87,3 +87,16 @@ def test_cli_groundtruth_run(capsys, tmp_path):
     code, _, err = cli(capsys, "groundtruth", "run", "--tasks", "nope", "--json", tmp_path / "x.json")
     assert_one_line_error(code, err, "unknown task(s) nope")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_docs_table_is_the_generated_one():
+    """docs/groundtruth.md shows the command's own table (only the seconds may differ)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "groundtruth.md").read_text()
+    shown = text.split("<!-- groundtruth-table:start -->\n")[1].split("<!-- groundtruth-table:end -->")[0]
+
+    def without_seconds(table):
+        return [row.rsplit("|", 2)[0] for row in table.strip().splitlines()]
+
+    assert without_seconds(shown) == without_seconds(markdown(run_suite()))
