@@ -39,7 +39,8 @@ def test_ground_truth_holds_by_intervention(name):
         without_rest = _metric(model, answer, wrong, prompt, _ablate(model, task, others))
         assert without_rest == pytest.approx(clean, abs=1e-4), prompt  # everything else ablated: behaviour kept
         without_truth = _metric(model, answer, wrong, prompt, _ablate(model, task, true_units))
-        assert abs(without_truth) < 0.05 * max(1.0, abs(clean)), prompt  # the circuit ablated: the preference gone
+        assert clean >= 0, prompt  # every prompt prefers its answer (or is neutral)
+        assert without_truth < 0.05 * max(1.0, clean), prompt  # the circuit ablated: no preference left (or reversed)
         broke |= abs(clean) > 1.0
     assert broke  # the behaviour was there to break
 

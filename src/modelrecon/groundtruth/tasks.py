@@ -297,4 +297,57 @@ INDUCTION = Task(
     answers=[(" F", " B"), (" G", " C"), (" A", " C"), (" F", " A"), (" G", " C")],
 )
 
-TASKS: dict[str, Task] = {t.name: t for t in (MLP_GATE, MLP_GATE_INPUTS, MLP_OR, INDUCTION)}
+# --- a RASP-style program: frac_prevs (tracr's numerical mean), every variable in its own subspace -------------------
+R_ANCHOR, R_IS_X, R_IS_O, R_FRAC, R_JUNK = 0, 1, 2, 3, 4
+
+
+def _frac_prevs_weights():
+    """Llama, two layers, d_model 8, two heads of 4 dims; MLPs zero. The program (tracr's `frac_prevs`):
+
+        is_x = tokens == "x"                               (the embedding's own dimension)
+        frac = numerical(mean(select(all, all, TRUE), is_x))   (head 0.0: uniform causal attention, value is_x)
+
+    and the readout logit(Y) - logit(N) = 8 * (frac - 0.5). Heads 0.1, 1.0 and 1.1 attend uniformly and write into
+    a junk dimension nothing reads.
+    """
+    d, head_dim, n_heads = 8, 4, 2
+    words = ["x", "o", "Y", "N"]
+    vocab = {w: i + 2 for i, w in enumerate(words)}
+    embed = torch.zeros(len(words) + 2, d)
+    embed[vocab["x"], [R_ANCHOR, R_IS_X]] = torch.tensor([ANCHOR_VALUE, 1.0])
+    embed[vocab["o"], [R_ANCHOR, R_IS_O]] = torch.tensor([ANCHOR_VALUE, 1.0])
+    weights: dict[str, torch.Tensor] = {}
+    norm = _anchored_norm_weight(d, R_ANCHOR)
+    for layer in (0, 1):
+        v, o = torch.zeros(n_heads * head_dim, d), torch.zeros(d, n_heads * head_dim)
+        v[0, R_IS_X], v[head_dim, R_IS_X] = 1.0, 1.0  # every head averages is_x (queries and keys are zero)
+        o[R_FRAC if layer == 0 else R_JUNK, 0] = 1.0  # only head 0.0 writes frac
+        o[R_JUNK, head_dim] = 1.0
+        prefix = f"model.layers.{layer}."
+        weights |= {prefix + "input_layernorm.weight": norm, prefix + "post_attention_layernorm.weight": norm,
+                    prefix + "self_attn.v_proj.weight": v, prefix + "self_attn.o_proj.weight": o}  # fmt: skip
+    unembed = torch.zeros(len(words) + 2, d)
+    unembed[vocab["Y"], [R_FRAC, R_ANCHOR]] = torch.tensor([4.0, -2.0])
+    unembed[vocab["N"], [R_FRAC, R_ANCHOR]] = torch.tensor([-4.0, 2.0])
+    weights |= {"model.embed_tokens.weight": embed, "model.norm.weight": norm, "lm_head.weight": unembed}
+    config = dict(hidden_size=d, intermediate_size=4, num_hidden_layers=2, num_attention_heads=n_heads,
+                  num_key_value_heads=n_heads, head_dim=head_dim, vocab_size=len(words) + 2, hidden_act="relu",
+                  tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=16, pad_token_id=0)  # fmt: skip
+    return "llama", config, weights, words
+
+
+FRAC_PREVS = Task(
+    name="frac_prevs",
+    description="a hand-compiled RASP program: the fraction of x so far (head 0.0), read as Y (more than half) or N",
+    site="layers.*.attn.heads",
+    truth={0: +1},
+    n_units=4,
+    prompts=["x o x x", "o x x", "x x o x o x", "x x o"],
+    answer=" Y",
+    wrong=" N",
+    weights=_frac_prevs_weights,
+    notes="Linear all the way from the head to the logits: every method should pass; a method that fails here is "
+    "broken, not fooled.",
+)
+
+TASKS: dict[str, Task] = {t.name: t for t in (MLP_GATE, MLP_GATE_INPUTS, MLP_OR, INDUCTION, FRAC_PREVS)}
