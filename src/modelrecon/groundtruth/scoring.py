@@ -65,3 +65,15 @@ def score_method(scores: np.ndarray, truth: dict[int, int], exact: np.ndarray, t
         "kendall_vs_exact": kendall_tau_b(scores, significant(exact)),
         "twin_spearman": None if twin_scores is None else spearman(scores, twin_scores),
     }
+
+
+def direction_recovery(true: np.ndarray, learned: np.ndarray, threshold: float = 0.9) -> dict:
+    """How well learned directions (e.g. a dictionary's decoder rows) recover the true feature directions.
+
+    mean_max_cosine: for each true direction, its best |cosine| with any learned one, averaged; fraction_matched: the
+    share of true directions whose best |cosine| exceeds `threshold`.
+    """
+    t = true / np.linalg.norm(true, axis=1, keepdims=True)
+    lrn = learned / np.maximum(np.linalg.norm(learned, axis=1, keepdims=True), 1e-12)
+    best = np.abs(t @ lrn.T).max(axis=1)
+    return {"mean_max_cosine": float(best.mean()), "fraction_matched": float((best > threshold).mean())}

@@ -32,6 +32,7 @@ class Task:
     units: tuple[int, ...] | None = None  # the units that are scored (default: all n_units)
     baseline: torch.Tensor | None = None  # integrated gradients' baseline at the site (default: zeros)
     answers: list[tuple[str, str]] | None = None  # per prompt (answer, wrong), where they differ by prompt
+    directions: torch.Tensor | None = None  # feature directions at `site`, `[features, d_model]` (dictionary tasks)
 
     def answer_pairs(self) -> list[tuple[str, str, str]]:
         """(prompt, answer, wrong) for every prompt."""
@@ -350,4 +351,74 @@ FRAC_PREVS = Task(
     "broken, not fooled.",
 )
 
-TASKS: dict[str, Task] = {t.name: t for t in (MLP_GATE, MLP_GATE_INPUTS, MLP_OR, INDUCTION, FRAC_PREVS)}
+# --- toy superposition: more features than dimensions, for scoring dictionaries ------------------------------------
+SUPERPOSITION_FEATURES, SUPERPOSITION_DIMS = 12, 6
+
+
+def _superposition_directions() -> torch.Tensor:
+    """12 unit directions in 6 dimensions (seeded), spread so that no two are closer than cosine 0.8."""
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        directions = torch.randn(SUPERPOSITION_FEATURES, SUPERPOSITION_DIMS, generator=generator)
+        directions = directions / directions.norm(dim=1, keepdim=True)
+        cosine = directions @ directions.T - torch.eye(SUPERPOSITION_FEATURES)
+        if cosine.abs().max() < 0.8:
+            return directions
+
+
+def _superposition_tokens() -> dict[str, dict[int, float]]:
+    """60 tokens, each one to three features active with magnitudes in [0.5, 1.5] (seeded): sparse codes."""
+    generator = torch.Generator().manual_seed(1)
+    tokens = {}
+    for t in range(60):
+        k = int(torch.randint(1, 4, (1,), generator=generator))
+        chosen = torch.randperm(SUPERPOSITION_FEATURES, generator=generator)[:k].tolist()
+        values = (0.5 + torch.rand(k, generator=generator)).tolist()
+        tokens[f"t{t}"] = dict(zip(chosen, values, strict=True))
+    return tokens
+
+
+def _superposition_weights():
+    """Llama, one layer with everything zero: the residual stream is the embedding, the anchor (dimension 0) plus
+    each token's sparse combination of 12 feature directions in dimensions 1-6."""
+    d = 1 + SUPERPOSITION_DIMS + 1
+    directions = _superposition_directions()
+    tokens = _superposition_tokens()
+    words = list(tokens)
+    embed = torch.zeros(len(words) + 2, d)
+    for i, word in enumerate(words):
+        embed[i + 2, 0] = ANCHOR_VALUE
+        for feature, value in tokens[word].items():
+            embed[i + 2, 1 : 1 + SUPERPOSITION_DIMS] += value * directions[feature]
+    norm = _anchored_norm_weight(d, 0)
+    weights = {"model.embed_tokens.weight": embed, "model.norm.weight": norm,
+               "model.layers.0.input_layernorm.weight": norm, "model.layers.0.post_attention_layernorm.weight": norm,
+               "lm_head.weight": torch.eye(len(words) + 2, d)}  # fmt: skip
+    config = dict(hidden_size=d, intermediate_size=4, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=4, vocab_size=len(words) + 2, hidden_act="relu",
+                  tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=64, pad_token_id=0)  # fmt: skip
+    return "llama", config, weights, words
+
+
+def _padded_directions() -> torch.Tensor:
+    """The true directions in the model's residual coordinates (anchor and spare dimension zero)."""
+    directions = torch.zeros(SUPERPOSITION_FEATURES, SUPERPOSITION_DIMS + 2)
+    directions[:, 1 : 1 + SUPERPOSITION_DIMS] = _superposition_directions()
+    return directions
+
+
+SUPERPOSITION = Task(
+    name="superposition",
+    description="12 sparse features in 6 dimensions at layers.0.resid_post: a dictionary should recover the 12",
+    site="layers.0.resid_post",
+    truth={},
+    n_units=0,
+    prompts=[" ".join(f"t{(7 * i + j) % 60}" for j in range(20)) for i in range(30)],
+    answer="",
+    wrong="",
+    weights=_superposition_weights,
+    notes="Scored by dictionary recovery (mean max cosine, fraction matched above 0.9) once dictionaries exist.",
+    directions=_padded_directions(),
+)
+
+TASKS: dict[str, Task] = {t.name: t for t in (MLP_GATE, MLP_GATE_INPUTS, MLP_OR, INDUCTION, FRAC_PREVS, SUPERPOSITION)}
