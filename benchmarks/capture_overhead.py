@@ -178,6 +178,13 @@ def print_table(rows: list[Row]) -> None:
         print("| " + " | ".join(row.cells()) + " |")
 
 
+def peer_command(python: Path, script: str, model_dir: Path, tokens_file: Path, out: Path, args) -> list[str]:
+    """The command line of a peer script (`peers/common.py: peer_args` reads it)."""
+    options = {"--model-dir": model_dir, "--tokens": tokens_file, "--out": out, "--threads": args.threads,
+               "--reps": args.peer_reps, "--warmup": args.warmup}  # fmt: skip
+    return [str(python), str(HERE / "peers" / script), *(str(x) for pair in options.items() for x in pair)]
+
+
 def run_peer(tool: str, model_dir: Path, tokens_file: Path, work: Path, args, reference: dict) -> list[Row]:
     venv, script, captured = PEERS[tool]
     python = ROOT / ".bench-venvs" / venv / "bin" / "python"
@@ -185,22 +192,7 @@ def run_peer(tool: str, model_dir: Path, tokens_file: Path, work: Path, args, re
         print(f"[{tool}] skipped: no venv at {python.parent.parent}; create it with `make bench-env`")
         return []
     out = work / venv
-    command = [
-        str(python),
-        str(HERE / "peers" / script),
-        "--model-dir",
-        str(model_dir),
-        "--tokens",
-        str(tokens_file),
-        "--out",
-        str(out),
-        "--threads",
-        str(args.threads),
-        "--reps",
-        str(args.peer_reps),
-        "--warmup",
-        str(args.warmup),
-    ]
+    command = peer_command(python, script, model_dir, tokens_file, out, args)
     if not run_peer_script(tool, command, args.peer_timeout):
         return []
     result = json.loads((out / "result.json").read_text())

@@ -34,7 +34,7 @@ from statistics import median
 import torch
 
 import modelrecon as mr
-from capture_overhead import HERE, MODEL, ROOT, add_run_arguments, start_run
+from capture_overhead import MODEL, ROOT, add_run_arguments, peer_command, start_run
 from modelrecon.counterfactual import Patch, run_with
 from modelrecon.counterfactual.metrics import logit_diff, single_token
 from modelrecon.models.embedded import EMBEDDED
@@ -92,22 +92,7 @@ def run_tl_peer(model_dir: Path, ids: list[list[int]], args) -> dict | None:
         tokens_file = Path(tmp) / "tokens.json"
         tokens_file.write_text(json.dumps(ids))
         out = Path(tmp) / "transformerlens"
-        command = [
-            str(python),
-            str(HERE / "peers" / "tl_patching.py"),
-            "--model-dir",
-            str(model_dir),
-            "--tokens",
-            str(tokens_file),
-            "--out",
-            str(out),
-            "--threads",
-            str(args.threads),
-            "--reps",
-            str(args.peer_reps),
-            "--warmup",
-            str(args.warmup),
-        ]
+        command = peer_command(python, "tl_patching.py", model_dir, tokens_file, out, args)
         if not run_peer_script("TransformerLens", command, args.peer_timeout):
             return None
         return json.loads((out / "result.json").read_text())

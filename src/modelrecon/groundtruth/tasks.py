@@ -139,8 +139,8 @@ MLP_GATE = Task(
     answer=" Y",
     wrong=" N",
     weights=_mlp_gate_weights,
-    notes="On '01' the feature f2 drives the output only through the saturated clamp and the AND gate's kink, where "
-    "the gradient is zero: gradient x activation at the input embeddings gives f2 nothing, zero-ablation shows it.",
+    notes="All four units act directly and unsaturated on some prompt: every method should find them here; the "
+    "saturation shows at the inputs (mlp_gate_inputs).",
 )
 
 _ANCHOR_ONLY = torch.zeros(8)
