@@ -6,6 +6,8 @@ answer), averaged over the task's prompts; positive means it supports the answer
 - grad-x-act: activation times gradient (also the AtP estimate of that zero ablation).
 - ig: integrated gradients from the task's baseline at the site (zeros unless it names one), 32 steps.
 - dla: direct logit attribution of the unit (MLP neurons; needs no post-norm on the MLP output).
+- patching, atp, atp-ig (tasks with counterfactual prompts, head units): the normalised effect of patching each head
+  from the clean into the counterfactual run (denoising), exactly or by attribution patching.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch
 
 from modelrecon.attribution.dla import direct_logit_attribution
 from modelrecon.attribution.gradients import grad_x_act, integrated_gradients, target_fn
+from modelrecon.attribution.patching import attribution_patching
 from modelrecon.counterfactual.interventions import Zero, run_with
+from modelrecon.counterfactual.sweep import sweep
 from modelrecon.errors import BadInputError
 from modelrecon.groundtruth.scoring import score_method
 from modelrecon.groundtruth.tasks import TASKS, Task
@@ -90,11 +94,33 @@ def _dla(model: Model, task: Task) -> np.ndarray:
     return out / len(task.prompts)
 
 
+def _sweep_kind(model: Model, task: Task) -> str:
+    if not task.corrupt:
+        raise BadInputError(f"{task.name} has no counterfactual prompts to patch from")
+    if parse_site(model.resolve_sites(task.site)[0]).kind != "attn.heads":
+        raise BadInputError("patching methods score attention heads here; sweeps have no per-neuron kind")
+    return "heads"
+
+
+def _patching(model: Model, task: Task) -> np.ndarray:
+    """Exact activation patching (denoising): each head's normalised effect, averaged over the pairs."""
+    kind = _sweep_kind(model, task)  # first: it says why a task cannot be patched
+    return sweep(model, task.pairs(), kind).effect.flatten().double().numpy()
+
+
+def _atp(model: Model, task: Task, method: str = "atp") -> np.ndarray:
+    kind = _sweep_kind(model, task)
+    return attribution_patching(model, task.pairs(), kind, method=method).effect.flatten().numpy()
+
+
 METHODS: dict[str, Callable[[Model, Task], np.ndarray]] = {
     "exact": _exact,
     "grad-x-act": _grad_x_act,
     "ig": _ig,
     "dla": _dla,
+    "patching": _patching,
+    "atp": _atp,
+    "atp-ig": lambda model, task: _atp(model, task, "atp-ig"),
 }
 
 

@@ -33,6 +33,13 @@ class Task:
     baseline: torch.Tensor | None = None  # integrated gradients' baseline at the site (default: zeros)
     answers: list[tuple[str, str]] | None = None  # per prompt (answer, wrong), where they differ by prompt
     directions: torch.Tensor | None = None  # feature directions at `site`, `[features, d_model]` (dictionary tasks)
+    corrupt: list[str] | None = None  # per prompt, a counterfactual of the same length (for patching methods)
+
+    def pairs(self) -> list:
+        """The prompts with their counterfactuals as `counterfactual.Pair`s (tasks that have counterfactuals)."""
+        from modelrecon.counterfactual.pairs import Pair
+
+        return [Pair(p, c, a, w) for (p, a, w), c in zip(self.answer_pairs(), self.corrupt or [], strict=True)]
 
     def answer_pairs(self) -> list[tuple[str, str, str]]:
         """(prompt, answer, wrong) for every prompt."""
@@ -296,6 +303,8 @@ INDUCTION = Task(
     notes="The previous-token head writes nothing to the logits directly, so direct logit attribution misses it: "
     "DLA finds direct effects only.",
     answers=[(" F", " B"), (" G", " C"), (" A", " C"), (" F", " A"), (" G", " C")],
+    # The earlier occurrence replaced: nothing to induct from.
+    corrupt=["C D F B E A", "D H G C B", "E D A C F H", "B C F A G D", "H C F G B E"],
 )
 
 # --- a RASP-style program: frac_prevs (tracr's numerical mean), every variable in its own subspace -------------------
