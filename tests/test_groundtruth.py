@@ -71,6 +71,11 @@ def test_runner_scores_methods_and_detects_the_saturation_failure():
     np.testing.assert_allclose(induction["patching"], [1, 0, 1, 0], atol=1e-3)
     assert induction["atp"][0] > 2 * induction["patching"][0] and by_task["induction"]["atp"]["roc_auc"] == 1.0
     assert not by_task["mlp_gate"]["patching"]["applicable"]
+    # The OR in attention: ablating either induction head alone changes nothing, but patching either one into the
+    # counterfactual restores the answer (denoising finds what noising cannot); the negative head shows negative.
+    backup = {name: m for name, m in by_task["induction_backup"].items() if m["applicable"]}
+    assert backup["exact"]["roc_auc"] < 1.0 and backup["patching"]["roc_auc"] == 1.0
+    assert backup["exact"]["scores"][5] < 0 and backup["patching"]["scores"][5] < 0
     table = markdown(report)
     assert table.count("\n") == 2 + sum(max(1, len(m)) for m in by_task.values())  # a dictionary task: one row
 

@@ -237,8 +237,8 @@ ROPE_THETA = 256.0  # rotary frequencies 2^-i per position for the pairs (i, i +
 CONTENT_SLOTS = [4, 5, 6, 7, 12, 13, 14, 15]  # the slowest-rotating pairs: content matching barely sees position
 
 
-def _induction_weights():
-    """Llama, two layers, d_model 40, two heads of 16 dims per layer; MLPs are all zero.
+def _induction_weights(backup: bool = False):
+    """Llama, two layers of 16-dim heads (two per layer; three with `backup`).
 
     Layer 0 head 0 (previous-token head): a constant query and key on rotary pair 1 (0.5 rad per position), phased
     so the score peaks at one position back; its value is the token, written to P.
@@ -246,8 +246,16 @@ def _induction_weights():
     the position right after the current token's earlier occurrence; its value is that token, written to O.
     Head 1 of each layer attends uniformly and writes the token into J, which nothing reads (active, inert).
     The unembedding reads O: the logit of the copied token is 10.
+
+    With `backup` (an OR and a suppressor, the shape of the indirect-object circuit): head 1.1 is a second induction
+    head; both write to a pre-gate subspace, and layer 1's MLP passes it through min(x, 1) per token into O, so either
+    head alone suffices. Head 1.2, a third induction head, writes -0.3 x the token straight into O (a negative head).
+    Head 0.2 attends uniformly into J. The copied token's logit is 10 * (1 - 0.3) = 7.
     """
-    d, head_dim, n_heads = 40, 16, 2
+    head_dim, n_heads = 16, 3 if backup else 2
+    d = 48 if backup else 40
+    n_tokens = len(LETTERS)
+    pre_gate = I_J + n_tokens  # 33..40: the induction heads' output before the gate (backup only)
     words = LETTERS
     vocab = {w: i + 2 for i, w in enumerate(words)}
     embed = torch.zeros(len(words) + 2, d)
@@ -260,21 +268,28 @@ def _induction_weights():
     proj["k"][0, 1, I_ANCHOR] = prev_scale * torch.cos(torch.tensor(omega))
     proj["k"][0, 1 + 8, I_ANCHOR] = prev_scale * torch.sin(torch.tensor(omega))
     match_scale = 250.0**0.5
-    for k, slot in enumerate(CONTENT_SLOTS):
-        proj["q"][1, slot, I_T + k] = match_scale
-        proj["k"][1, slot, I_P + k] = match_scale
+    inducting = range(n_heads) if backup else range(1)  # layer-1 heads that match the current token against P
+    for head in inducting:
+        for k, slot in enumerate(CONTENT_SLOTS):
+            proj["q"][1, head * head_dim + slot, I_T + k] = match_scale
+            proj["k"][1, head * head_dim + slot, I_P + k] = match_scale
     for layer in (0, 1):
-        for k in range(len(words)):
-            proj["v"][layer, k, I_T + k] = 1.0  # head 0's value: the token
-            proj["v"][layer, head_dim + k, I_T + k] = 1.0  # head 1's value: the token too
-            o[layer, I_J + k, head_dim + k] = 1.0  # head 1 writes junk
-        target = I_P if layer == 0 else I_O
-        for k in range(len(words)):
-            o[layer, target + k, k] = 1.0
+        for head in range(n_heads):
+            for k in range(n_tokens):
+                proj["v"][layer, head * head_dim + k, I_T + k] = 1.0  # every head's value is the token
+        for k in range(n_tokens):
+            o[layer, (I_P if layer == 0 else (pre_gate if backup else I_O)) + k, k] = 1.0  # head 0
+            if layer == 0 or not backup:
+                for head in range(1, n_heads):
+                    o[layer, I_J + k, head * head_dim + k] = 1.0  # distractors write junk
+            else:
+                o[layer, pre_gate + k, head_dim + k] = 1.0  # head 1.1: the backup
+                o[layer, I_O + k, 2 * head_dim + k] = -0.3  # head 1.2: the negative head
     unembed = torch.zeros(len(words) + 2, d)
     for k, w in enumerate(words):
         unembed[vocab[w], I_O + k] = 10.0
-    config = dict(hidden_size=d, intermediate_size=4, num_hidden_layers=2, num_attention_heads=n_heads,
+    n_mlp = 2 * n_tokens if backup else 4
+    config = dict(hidden_size=d, intermediate_size=n_mlp, num_hidden_layers=2, num_attention_heads=n_heads,
                   num_key_value_heads=n_heads, head_dim=head_dim, vocab_size=len(words) + 2, hidden_act="relu",
                   tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=32, pad_token_id=0,
                   rope_theta=ROPE_THETA)  # fmt: skip
@@ -287,6 +302,15 @@ def _induction_weights():
         for name in ("q", "k", "v"):
             weights[prefix + f"self_attn.{name}_proj.weight"] = proj[name][layer]
         weights[prefix + "self_attn.o_proj.weight"] = o[layer]
+    if backup:  # layer 1's MLP: O_k += relu(x_k) - relu(x_k - 1) = min(x_k, 1) for the pre-gate x
+        gate, up, down = torch.zeros(n_mlp, d), torch.zeros(n_mlp, d), torch.zeros(d, n_mlp)
+        for k in range(n_tokens):
+            gate[2 * k, pre_gate + k] = 1.0
+            gate[2 * k + 1, [pre_gate + k, I_ANCHOR]] = torch.tensor([1.0, -1.0])
+            down[I_O + k, 2 * k], down[I_O + k, 2 * k + 1] = 1.0, -1.0
+        up[:, I_ANCHOR] = 1.0
+        weights |= {"model.layers.1.mlp.gate_proj.weight": gate, "model.layers.1.mlp.up_proj.weight": up,
+                    "model.layers.1.mlp.down_proj.weight": down}  # fmt: skip
     return "llama", config, weights, words
 
 
@@ -306,6 +330,23 @@ INDUCTION = Task(
     # The earlier occurrence replaced: nothing to induct from.
     corrupt=["C D F B E A", "D H G C B", "E D A C F H", "B C F A G D", "H C F G B E"],
 )
+
+INDUCTION_BACKUP = Task(
+    name="induction_backup",
+    description="induction with a backup induction head behind a saturated gate (an OR) and a negative head",
+    site="layers.*.attn.heads",
+    truth={0: +1, 3: +1, 4: +1, 5: -1},  # units are layer * 3 + head: 0.0, 1.0, 1.1 carry it, 1.2 suppresses
+    n_units=6,
+    prompts=INDUCTION.prompts,
+    answer="",
+    wrong="",
+    weights=lambda: _induction_weights(backup=True),
+    notes="Removing either induction head alone changes nothing (the other keeps the gate saturated): single-head "
+    "ablation and patching call both inert. The negative head shows with the opposite sign.",
+    answers=INDUCTION.answers,
+    corrupt=INDUCTION.corrupt,
+)
+
 
 # --- a RASP-style program: frac_prevs (tracr's numerical mean), every variable in its own subspace -------------------
 R_ANCHOR, R_IS_X, R_IS_O, R_FRAC, R_JUNK = 0, 1, 2, 3, 4
@@ -430,4 +471,6 @@ SUPERPOSITION = Task(
     directions=_padded_directions(),
 )
 
-TASKS: dict[str, Task] = {t.name: t for t in (MLP_GATE, MLP_GATE_INPUTS, MLP_OR, INDUCTION, FRAC_PREVS, SUPERPOSITION)}
+TASKS: dict[str, Task] = {
+    t.name: t for t in (MLP_GATE, MLP_GATE_INPUTS, MLP_OR, INDUCTION, INDUCTION_BACKUP, FRAC_PREVS, SUPERPOSITION)
+}
