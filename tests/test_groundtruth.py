@@ -76,8 +76,11 @@ def test_runner_scores_methods_and_detects_the_saturation_failure():
     backup = {name: m for name, m in by_task["induction_backup"].items() if m["applicable"]}
     assert backup["exact"]["roc_auc"] < 1.0 and backup["patching"]["roc_auc"] == 1.0
     assert backup["exact"]["scores"][5] < 0 and backup["patching"]["scores"][5] < 0
+    # Faithfulness areas: a circuit grown in DLA's order misses the heads that act indirectly.
+    assert backup["dla"]["cmd"] > backup["ig"]["cmd"] and backup["dla"]["cpr"] < backup["ig"]["cpr"]
     table = markdown(report)
-    assert table.count("\n") == 2 + sum(max(1, len(m)) for m in by_task.values())  # a dictionary task: one row
+    rows = sum(max(1, sum(m["applicable"] for m in methods.values())) for methods in by_task.values())
+    assert table.count("\n") == 2 + rows  # a row per applicable method; a dictionary task has one
 
 
 def test_scoring_functions():

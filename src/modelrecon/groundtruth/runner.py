@@ -42,6 +42,39 @@ def _units(model: Model, task: Task) -> list[tuple[str, dict]]:
     return [(site, {"units": [u]}) for u in range(task.n_units)]
 
 
+def _ablation(model: Model, task: Task, units: list[int]) -> list[Zero]:
+    """Zero interventions for some of the task's units."""
+    selections = _units(model, task)
+    return [Zero(selections[u][0], **selections[u][1]) for u in units]
+
+
+def faithfulness_curve(model: Model, task: Task, scores: np.ndarray) -> dict:
+    """Circuits of growing size, the units ranked by |score| (ties against the method: later units first).
+
+    For k = 0..n of the scored units kept (the rest zero-ablated), faithfulness = the circuit's metric / the full
+    model's, over the task's prompts. CPR = the area under faithfulness over the kept fraction (higher is better),
+    CMD = the area under |1 - faithfulness| (lower is better): MIB's two areas, over unit budgets.
+    """
+    kept_units = task.scored_units()
+    order = sorted(kept_units, key=lambda u: (-abs(scores[u]), -u))
+    full, curve = 0.0, []
+    circuits = [order[:k] for k in range(len(order) + 1)]
+    values = np.zeros(len(circuits))
+    for prompt, answer, wrong in task.answer_pairs():
+        _, fn = target_fn(model, answer, wrong)
+        full += float(fn(run(model, prompt).logits[0][-1]))
+        for k, circuit in enumerate(circuits):
+            removed = [u for u in kept_units if u not in circuit]
+            values[k] += float(fn(run_with(model, prompt, _ablation(model, task, removed)).logits[0][-1]))
+    curve = (values / full).tolist() if full else [float("nan")] * len(circuits)
+    fractions = np.linspace(0, 1, len(circuits))
+    return {
+        "faithfulness": curve,
+        "cpr": float(np.trapezoid(curve, fractions)),
+        "cmd": float(np.trapezoid(np.abs(1 - np.array(curve)), fractions)),
+    }
+
+
 def _per_unit(model: Model, site: str, values: torch.Tensor) -> np.ndarray:
     """A per-element attribution `[pos, ...]` summed into one number per unit (per head for attn.heads)."""
     values = values.double()
@@ -174,6 +207,7 @@ def run_suite(task_names: list[str] | None = None, method_names: list[str] | Non
             truth = {kept.index(u): sign for u, sign in task.truth.items()}
             entry["methods"][name] = {
                 "applicable": True,
+                **faithfulness_curve(model, task, scores),
                 "scores": scores.tolist(),
                 "seconds": seconds,
                 "forward_passes": passes["forward"],
@@ -196,9 +230,9 @@ def _known(names: list[str] | None, table: dict, what: str) -> list[str]:
 def markdown(report: dict) -> str:
     """The results table (generated, never typed by hand)."""
     lines = [
-        "| task | method | ROC-AUC | pessimistic AUC | AP | sign acc. | Kendall vs exact | twin Spearman "
+        "| task | method | ROC-AUC | pessimistic AUC | AP | sign acc. | Kendall vs exact | CPR | CMD | twin Spearman "
         "| passes (f/b) | s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(x):
@@ -206,16 +240,15 @@ def markdown(report: dict) -> str:
 
     for entry in report["tasks"]:
         if "dictionaries" in entry:
-            lines.append(f"| {entry['task']} | dictionary recovery | {entry['dictionaries']} | | | | | | | |")
+            lines.append(f"| {entry['task']} | dictionary recovery | {entry['dictionaries']} | | | | | | | | | |")
         for name, m in entry["methods"].items():
-            if not m["applicable"]:
-                lines.append(f"| {entry['task']} | {name} | n/a | | | | | | | |")
+            if not m["applicable"]:  # e.g. DLA on input features, patching without counterfactual prompts
                 continue
-            lines.append(
-                f"| {entry['task']} | {name} | {cell(m['roc_auc'])} | {cell(m['pessimistic_auc'])} | "
-                f"{cell(m['average_precision'])} | {cell(m['sign_accuracy'])} | {cell(m['kendall_vs_exact'])} | "
-                f"{cell(m['twin_spearman'])} | {m['forward_passes']}/{m['backward_passes']} | {m['seconds']:.2f} |"
-            )
+            figures = [m[k] for k in ("roc_auc", "pessimistic_auc", "average_precision", "sign_accuracy",
+                                      "kendall_vs_exact", "cpr", "cmd", "twin_spearman")]  # fmt: skip
+            passes = f"{m['forward_passes']}/{m['backward_passes']}"
+            lines.append(f"| {entry['task']} | {name} | " + " | ".join(map(cell, figures)) +
+                         f" | {passes} | {m['seconds']:.2f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
