@@ -302,3 +302,17 @@ def test_steering_in_generation_moves_the_text_as_built(steerable):
     )
     rest = generate_with(steer_model, "HelloX", max_new_tokens=7)
     assert once.tokens == [x, *rest.tokens]
+
+
+def test_mean_ablation_from_a_cube(model, tmp_path):
+    cube = mr.capture(model, PROMPTS, tmp_path / "m.zarr", sites=["layers.1.mlp.out"], dtype="float32", progress=False)
+    iv = MeanAblate.from_cube(cube, "layers.1.mlp.out", positions="last")
+    values = torch.cat(mr.run(model, PROMPTS, record=["layers.1.mlp.out"]).acts["layers.1.mlp.out"])
+    torch.testing.assert_close(torch.tensor(iv.mean), values.double().mean(0).float(), rtol=0, atol=1e-5)
+    got = run_with(model, PROMPTS[0], [iv], record=["layers.1.mlp.out"]).acts["layers.1.mlp.out"][0]
+    torch.testing.assert_close(got[-1], torch.tensor(iv.mean), rtol=0, atol=1e-6)
+    assert from_json(to_json([iv])) == [iv]
+    some = MeanAblate.from_cube(cube, "layers.1.mlp.out", units=[2, 5])
+    assert some.mean == pytest.approx([iv.mean[2], iv.mean[5]])
+    with pytest.raises(BadInputError, match="the cube has no 'layers.0.mlp.out'"):
+        MeanAblate.from_cube(cube, "layers.0.mlp.out")

@@ -92,6 +92,19 @@ class MeanAblate(Intervention):
     mean: list[float] | None = None
     op: ClassVar[str] = "mean"
 
+    @classmethod
+    def from_cube(cls, cube, site: str, **fields: Any) -> MeanAblate:
+        """Mean ablation with the site's mean over every token a cube captured (`cube`: a `modelrecon.Cube`)."""
+        info = parse_site(site)
+        if info.kind in HEAD_KINDS:
+            raise BadInputError(f"'{site}': a cube stores heads flattened; mean-ablate a whole-vector site instead")
+        if info.kind not in cube.site_kinds or info.layer not in cube.layers(info.kind):
+            raise BadInputError(f"the cube has no '{site}'; capture it, or give mean=[...] yourself")
+        values = cube.get(info.kind, layers=[info.layer], as_torch=True)[:, 0].double()
+        units = fields.get("units")
+        mean = values.mean(0)
+        return cls(site, mean=(mean if units is None else mean[units]).tolist(), **fields)
+
     def replace(self, selected, source):
         if self.mean is None:
             raise BadInputError(f"mean ablation of '{self.site}' needs mean=[...] values for its units")
