@@ -18,7 +18,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from modelrecon.counterfactual.interventions import Intervention, Patch, Resample, Scale, Sources, edits_for
+from modelrecon.counterfactual.interventions import (
+    Intervention,
+    Patch,
+    Resample,
+    Scale,
+    Sources,
+    edits_for,
+    sites_by_source,
+)
 from modelrecon.counterfactual.metrics import ItemMetric, ScoredItem, item_metric
 from modelrecon.counterfactual.pairs import Pair, PairTokens, tokenize_pairs
 from modelrecon.counterfactual.stats import bootstrap, holm, paired_sign_flip_p
@@ -132,7 +140,7 @@ def experiment(
     metric_name, fn = item_metric(metric)
     tokens = tokenize_pairs(model, pairs)
     n = len(tokens)
-    needed = _source_sites(model, components)
+    needed, resampled = _source_sites(model, components)
     needed["counterfactual"].add("layers.0.resid_pre")  # for the full-patch sanity check
     touched = sorted({s for ivs in components.values() for iv in ivs for s in model.resolve_sites(iv.site)})
 
@@ -151,13 +159,6 @@ def experiment(
         items = [ScoredItem(t.answer, t.wrong, c) for t, c in zip(tokens, clean_logits, strict=True)]
         m_clean = _scores([x[None] for x in clean_logits], items, fn)
         m_cf = _scores([x[None] for x in cf_logits], items, fn)
-        resampled = {
-            s
-            for ivs in components.values()
-            for iv in ivs
-            if isinstance(iv, Resample)
-            for s in model.resolve_sites(iv.site)
-        }
         resample = _resample_sources(tokens, resampled, acts["clean"], seed)
 
         values: dict[str, list[float]] = {name: [] for name in components}
@@ -234,24 +235,22 @@ def _sanity_notes(noop_diff: float, full_patch_diff: float, touched: list[str]) 
     return notes
 
 
-def _source_sites(model: Model, components: dict[str, Sequence[Intervention]]) -> dict[str, set[str]]:
-    """Per input, the sites whose values the components' patches read (pool-less resamples read the clean runs)."""
-    needed: dict[str, set[str]] = {name: set() for name in INPUTS}
-    for ivs in components.values():
-        for iv in ivs:
-            if not isinstance(iv, Intervention):
-                raise BadInputError(f"{iv!r} is not an Intervention")
-            source = iv.source_run()
-            if source is None:
-                continue
-            if isinstance(iv, Resample):
-                if iv.pool is not None:
-                    raise BadInputError("in an experiment, Resample draws from the other items: leave pool unset")
-                source = "clean"
-            if source not in INPUTS:
-                raise BadInputError(f"patch source {source!r}: an experiment has the sources {', '.join(INPUTS)}")
-            needed[source].update(model.resolve_sites(iv.site))
-    return needed
+def _source_sites(model: Model, components: dict[str, Sequence[Intervention]]) -> tuple[dict[str, set[str]], set[str]]:
+    """Per input, the sites the components' patches read; and the resampled sites (pool-less: read the clean runs)."""
+    interventions = [iv for ivs in components.values() for iv in ivs]
+    for iv in interventions:
+        if not isinstance(iv, Intervention):
+            raise BadInputError(f"{iv!r} is not an Intervention")
+        if isinstance(iv, Resample) and iv.pool is not None:
+            raise BadInputError("in an experiment, Resample draws from the other items: leave pool unset")
+    by_source = sites_by_source(model, interventions)
+    resampled = by_source.pop("resample", set())
+    for source in by_source:
+        if source not in INPUTS:
+            raise BadInputError(f"patch source {source!r}: an experiment has the sources {', '.join(INPUTS)}")
+    needed = {name: set(by_source.get(name, ())) for name in INPUTS}
+    needed["clean"] |= resampled
+    return needed, resampled
 
 
 def _resample_sources(

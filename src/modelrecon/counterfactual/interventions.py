@@ -368,6 +368,15 @@ def _index(iv: Intervention, pattern: bool, key_offset: int, n_keys: int, device
     return (slice(None),)
 
 
+def sites_by_source(model: Model, interventions: Sequence[Intervention]) -> dict[str, set[str]]:
+    """Per source run the interventions read ("counterfactual", "resample", ...), the sites they read there."""
+    needed: dict[str, set[str]] = {}
+    for iv in interventions:
+        if iv.source_run() is not None:
+            needed.setdefault(iv.source_run(), set()).update(model.resolve_sites(iv.site))
+    return needed
+
+
 def source_acts(
     model: Model,
     prompts: list[str],
@@ -380,12 +389,8 @@ def source_acts(
     recorded. `Resample` draws from its own pool.
     """
     given = dict(sources or {})
-    needed: dict[str, set[str]] = {}
-    for iv in interventions:
-        if iv.source_run() is not None:
-            needed.setdefault(iv.source_run(), set()).update(model.resolve_sites(iv.site))
     out: Sources = {}
-    for name, sites in needed.items():
+    for name, sites in sites_by_source(model, interventions).items():
         if name == "resample":
             out[name] = _resample_values(model, prompts, [iv for iv in interventions if isinstance(iv, Resample)])
             continue
