@@ -212,6 +212,20 @@ AnswerOption = Annotated[str | None, typer.Option("--answer", help="the clean an
 WrongOption = Annotated[str | None, typer.Option("--wrong", help="the counterfactual's answer")]
 
 
+SweepOption = Annotated[
+    str,
+    typer.Option("--sweep", help="resid_pre, resid_post, attn, mlp (layer x position); heads, q, k, v (layer x head)"),
+]
+
+
+def _check_sweep(sweep: str) -> None:
+    from modelrecon.counterfactual.sweep import SWEEPS
+    from modelrecon.errors import BadInputError
+
+    if sweep not in SWEEPS:
+        raise BadInputError(f"unknown --sweep {sweep!r}; use one of {', '.join(SWEEPS)}")
+
+
 def _pair_list(pairs: str | None, clean, corrupt, answer, wrong) -> list:
     """The pairs from --pairs, or the one pair given by --clean --corrupt --answer --wrong."""
     from modelrecon.counterfactual.pairs import pair_from_dict, read_pairs
@@ -232,12 +246,7 @@ def _pair_list(pairs: str | None, clean, corrupt, answer, wrong) -> list:
 
 @app.command()
 def patch(
-    sweep: Annotated[
-        str,
-        typer.Option(
-            "--sweep", help="resid_pre, resid_post, attn, mlp (layer x position); heads, q, k, v (layer x head)"
-        ),
-    ],
+    sweep: SweepOption,
     json_out: Annotated[Path, typer.Option("--json", help="the JSON result file to write")],
     model: ModelOption = DEFAULT_MODEL,
     pairs: PairsOption = None,
@@ -261,16 +270,13 @@ def patch(
 
     With --path-to, each sender's effect goes through that path only (path patching).
     """
-    import json
-
     from modelrecon.counterfactual.html import write_sweep_html
-    from modelrecon.counterfactual.sweep import DIRECTIONS, HEAD_SWEEPS, SWEEPS, path_patch
+    from modelrecon.counterfactual.sweep import DIRECTIONS, HEAD_SWEEPS, path_patch
     from modelrecon.counterfactual.sweep import sweep as run_sweep
     from modelrecon.errors import BadInputError
     from modelrecon.files import write_text_atomic
 
-    if sweep not in SWEEPS:
-        raise BadInputError(f"unknown --sweep {sweep!r}; use one of {', '.join(SWEEPS)}")
+    _check_sweep(sweep)
     if direction not in DIRECTIONS:
         raise BadInputError(f"unknown --direction {direction!r}; use denoise or noise")
     if path_to and sweep not in ("heads", "mlp"):
@@ -315,8 +321,6 @@ def experiment(
     seed: Annotated[int, typer.Option(help="seed of the bootstrap, the tests and resampling")] = 0,
 ) -> None:
     """Run components (lists of interventions) over prompt pairs: effects, intervals, tests and sanity checks."""
-    import json
-
     from modelrecon.counterfactual.experiment import experiment as run_experiment
     from modelrecon.counterfactual.interventions import components_from_json
     from modelrecon.counterfactual.pairs import read_pairs
@@ -478,15 +482,10 @@ def _pair_attribution(loaded, method, pair_list, sweep, direction, steps) -> str
 
 @app.command()
 def verify(
-    sweep: Annotated[
-        str,
-        typer.Option(
-            "--sweep", help="resid_pre, resid_post, attn, mlp (layer x position); heads, q, k, v (layer x head)"
-        ),
-    ],
+    sweep: SweepOption,
     json_out: Annotated[Path, typer.Option("--json", help="the JSON report to write")],
     model: ModelOption = DEFAULT_MODEL,
-    method: Annotated[str, typer.Option(help="the estimate to check: atp, atp-ig or atp-gd")] = "atp",
+    method: Annotated[str, typer.Option(help="the estimate to check: atp, atp-ig, atp-gd or atpstar")] = "atp",
     pairs: PairsOption = None,
     clean: CleanOption = None,
     corrupt: CorruptOption = None,
@@ -502,13 +501,11 @@ def verify(
     from modelrecon.attribution.compare import compare
     from modelrecon.attribution.html import write_verify_html
     from modelrecon.attribution.patching import METHODS, attribution_patching
-    from modelrecon.counterfactual.sweep import SWEEPS
     from modelrecon.counterfactual.sweep import sweep as run_sweep
     from modelrecon.errors import BadInputError
     from modelrecon.files import write_text_atomic
 
-    if sweep not in SWEEPS:
-        raise BadInputError(f"unknown --sweep {sweep!r}; use one of {', '.join(SWEEPS)}")
+    _check_sweep(sweep)
     if method not in METHODS:
         raise BadInputError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
     pair_list = _pair_list(pairs, clean, corrupt, answer, wrong)
