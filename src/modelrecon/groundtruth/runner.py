@@ -178,6 +178,14 @@ def count_passes(model: Model) -> Iterator[dict]:
         handle.remove()
 
 
+def _measure(name: str, model: Model, task: Task) -> tuple[np.ndarray, float, dict]:
+    """A method's scores on a task, with its wall time and the passes it used."""
+    start = time.perf_counter()
+    with count_passes(model) as passes:
+        scores = METHODS[name](model, task)
+    return scores, time.perf_counter() - start, passes
+
+
 def run_suite(task_names: list[str] | None = None, method_names: list[str] | None = None) -> dict:
     """Scores of every method on every task, with the model's and the randomised twin's scores and the time taken."""
     tasks = [TASKS[n] for n in _known(task_names, TASKS, "task")]
@@ -189,22 +197,19 @@ def run_suite(task_names: list[str] | None = None, method_names: list[str] | Non
                                     "methods": {}, "dictionaries": "not built yet: nothing to score"})  # fmt: skip
             continue
         model, twin = task.model(), task.model(twin=True)
-        with torch.no_grad():
-            exact = _exact(model, task)
+        exact_run = _measure("exact", model, task)  # the reference every method is compared with, and its own row
+        exact = exact_run[0]
+        kept = task.scored_units()
+        truth = {kept.index(u): sign for u, sign in task.truth.items()}
         entry = {"task": task.name, "description": task.description, "site": task.site, "truth": task.truth,
                  "methods": {}}  # fmt: skip
         for name in methods:
-            start = time.perf_counter()
             try:
-                with count_passes(model) as passes:
-                    scores = METHODS[name](model, task)
+                scores, seconds, passes = exact_run if name == "exact" else _measure(name, model, task)
             except BadInputError as exc:  # the method does not apply to this task's site
                 entry["methods"][name] = {"applicable": False, "reason": str(exc)}
                 continue
-            seconds = time.perf_counter() - start
             twin_scores = METHODS[name](twin, task)
-            kept = task.scored_units()
-            truth = {kept.index(u): sign for u, sign in task.truth.items()}
             entry["methods"][name] = {
                 "applicable": True,
                 **faithfulness_curve(model, task, scores),
