@@ -13,9 +13,10 @@ from torch import nn
 import modelrecon as mr
 from modelrecon.attribution.compare import compare, kendall_tau_b, spearman
 from modelrecon.attribution.dla import direct_logit_attribution
+from modelrecon.attribution.edges import edge_attribution
 from modelrecon.attribution.gradients import grad_x_act, integrated_gradients
 from modelrecon.attribution.lens import logit_lens
-from modelrecon.attribution.patching import attribution_patching, edge_attribution
+from modelrecon.attribution.patching import attribution_patching
 from modelrecon.attribution.probes import train_probes
 from modelrecon.counterfactual import Pair, path_patch, sweep
 from modelrecon.errors import BadInputError

@@ -5,8 +5,11 @@ import json
 import numpy as np
 import pytest
 
+from modelrecon.attribution.edges import all_edges, patch_edges
 from modelrecon.attribution.gradients import target_fn
 from modelrecon.counterfactual import Zero, run_with
+from modelrecon.counterfactual.metrics import ScoredItem, item_metric
+from modelrecon.counterfactual.pairs import tokenize_pairs
 from modelrecon.groundtruth.runner import markdown, run_suite
 from modelrecon.groundtruth.scoring import average_precision, direction_recovery, pessimistic_auc, roc_auc
 from modelrecon.groundtruth.tasks import SUPERPOSITION, TASKS, _superposition_tokens
@@ -45,6 +48,25 @@ def test_ground_truth_holds_by_intervention(name):
     assert broke  # the behaviour was there to break
 
 
+@pytest.mark.parametrize("name", [name for name, task in TASKS.items() if task.edge_truth])
+def test_edge_ground_truth_holds_by_edge_patching(name):
+    """Only the true edges clean (every other edge carries its counterfactual value): the behaviour stays; the true
+    edges patched: it is gone as if the whole input were the counterfactual."""
+    task = TASKS[name]
+    model = task.model()
+    edges = set(all_edges(model))
+    truth = set(task.edge_truth)
+    assert truth <= edges
+    _, fn = item_metric("logit_diff")
+    for pair in tokenize_pairs(model, task.pairs()):
+        item = ScoredItem(pair.answer, pair.wrong, None)
+        clean, corrupt, truth_only, truth_patched = patch_edges(model, pair, [set(), edges, edges - truth, truth],
+                                                                item, fn)  # fmt: skip
+        assert clean - corrupt > 1.0  # the counterfactual changes the answer
+        assert truth_only == pytest.approx(clean, abs=1e-3)
+        assert truth_patched == pytest.approx(corrupt, abs=1e-3)
+
+
 def test_runner_scores_methods_and_detects_the_saturation_failure():
     report = run_suite()
     by_task = {t["task"]: t["methods"] for t in report["tasks"]}
@@ -78,9 +100,23 @@ def test_runner_scores_methods_and_detects_the_saturation_failure():
     assert backup["exact"]["scores"][5] < 0 and backup["patching"]["scores"][5] < 0
     # Faithfulness areas: a circuit grown in DLA's order misses the heads that act indirectly.
     assert backup["dla"]["cmd"] > backup["ig"]["cmd"] and backup["dla"]["cpr"] < backup["ig"]["cpr"]
+    # Indirect object: either name mover alone can go (an OR), and the counter acts only through the movers' queries.
+    ioi = by_task["ioi"]
+    assert ioi["exact"]["roc_auc"] < 1.0 and ioi["patching"]["roc_auc"] == 1.0 and ioi["ig"]["roc_auc"] == 1.0
+    assert abs(ioi["dla"]["scores"][0]) < 1e-3 * abs(ioi["exact"]["scores"][0])
+    # Edges: EAP's gradient through a saturated softmax is ~0, so it misses the edges upstream of the induction and
+    # name-mover heads; EAP-IG, integrating from clean to counterfactual, finds them all; on the linear RASP program
+    # both are right.
+    edges = {t["task"]: t["edges"] for t in report["tasks"] if "edges" in t}
+    for name in ("induction", "induction_backup", "ioi"):
+        assert edges[name]["eap"]["roc_auc"] < 0.8 and edges[name]["eap-ig"]["roc_auc"] > 0.99, name
+        assert edges[name]["edge-patching"]["roc_auc"] == 1.0 and edges[name]["edge-patching"]["cpr"] > 0.9, name
+        assert edges[name]["eap"]["cpr"] < edges[name]["eap-ig"]["cpr"], name
+    assert edges["frac_prevs"]["eap"]["roc_auc"] == 1.0
     table = markdown(report)
     rows = sum(max(1, sum(m["applicable"] for m in methods.values())) for methods in by_task.values())
-    assert table.count("\n") == 2 + rows  # a row per applicable method; a dictionary task has one
+    edge_rows = sum(len(e) for e in edges.values())
+    assert table.count("\n") == 2 + rows + 5 + edge_rows  # a row per applicable method; a dictionary task has one
 
 
 def test_scoring_functions():

@@ -410,10 +410,12 @@ def attribute(
     corrupt: CorruptOption = None,
     sweep: Annotated[str, typer.Option(help="atp family: the sweep to estimate")] = "resid_pre",
     direction: Annotated[str, typer.Option(help="denoise or noise")] = "denoise",
+    level: Annotated[str, typer.Option(help="eap / eap-ig: edges between heads or between components")] = "head",
 ) -> None:
     """Correlational attributions: direct logit attribution, gradient x activation, integrated gradients, and
     attribution patching (nodes: atp, atp-ig, atp-gd; edges: eap, eap-ig)."""
-    from modelrecon.attribution.patching import EDGE_METHODS, METHODS
+    from modelrecon.attribution.edges import EDGE_METHODS
+    from modelrecon.attribution.patching import METHODS
     from modelrecon.errors import BadInputError
     from modelrecon.files import write_text_atomic
 
@@ -430,7 +432,7 @@ def attribute(
             raise BadInputError(f"--method {method} works on pairs: give --pairs or --clean/--corrupt/--answer/--wrong")
         pair_list = _pair_list(pairs, clean, corrupt, answer, wrong)
         loaded = _load(model)
-        text = _pair_attribution(loaded, method, pair_list, sweep, direction, steps)
+        text = _pair_attribution(loaded, method, pair_list, sweep, direction, steps, level)
     stdout.print(f"wrote {write_text_atomic(json_out, text)}", markup=False)
 
 
@@ -463,11 +465,12 @@ def _prompt_attribution(loaded, method, prompt, answer, wrong, site, baseline, s
     return result.to_json()
 
 
-def _pair_attribution(loaded, method, pair_list, sweep, direction, steps) -> str:
-    from modelrecon.attribution.patching import EDGE_METHODS, attribution_patching, edge_attribution
+def _pair_attribution(loaded, method, pair_list, sweep, direction, steps, level) -> str:
+    from modelrecon.attribution.edges import EDGE_METHODS, edge_attribution
+    from modelrecon.attribution.patching import attribution_patching
 
     if method in EDGE_METHODS:
-        result = edge_attribution(loaded, pair_list, method=method, direction=direction, steps=steps)
+        result = edge_attribution(loaded, pair_list, method=method, direction=direction, steps=steps, level=level)
         table = Table("edge", "score", title="largest edges")
         for e in result.top(10):
             table.add_row(escape(f"{e['upstream']} -> {e['downstream']}"), f"{e['score']:+.4f}")

@@ -18,9 +18,6 @@ It returns the same `SweepResult` layout as `counterfactual.sweep`, so the two c
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -37,11 +34,10 @@ from modelrecon.models.sites import site_name
 from modelrecon.progress import token_progress
 
 METHODS = ("atp", "atp-ig", "atp-gd", "atpstar")
-EDGE_METHODS = ("eap", "eap-ig")
 DIFFERENTIABLE = ("logit_diff", "logprob", "prob", "kl")
 
 
-def _check(method: str, methods: tuple[str, ...], direction: str, metric: str):
+def check_options(method: str, methods: tuple[str, ...], direction: str, metric: str):
     """Validate the options (before any model work) and return the metric's (name, function)."""
     if method not in methods:
         raise BadInputError(f"unknown method {method!r}; use one of {', '.join(methods)}")
@@ -69,7 +65,7 @@ def attribution_patching(
 
     steps: points on the path for `atp-ig`.
     """
-    metric_name, fn = _check(method, METHODS, direction, metric)
+    metric_name, fn = check_options(method, METHODS, direction, metric)
     tokens = tokenize_pairs(model, pairs)
     if kind not in HEAD_SWEEPS and len({t.length for t in tokens}) > 1:
         raise BadInputError("a position sweep needs pairs of one token length; use --sweep heads for mixed lengths")
@@ -208,110 +204,3 @@ def _first_order(model, base_ids, sites, source_acts, item, fn, kind, drop: int 
                  edit=edit or None, grad_of=lambda logits: fn(logits[0][-1], item))  # fmt: skip
     rows = [_cells(kind, source_acts[site][0] - result.acts[site][0], result.grads[site][0]) for site in sites]
     return torch.stack(rows).detach()
-
-
-# --- edges ---------------------------------------------------------------------------------------------------------
-@dataclass
-class EdgeResult:
-    """Edge attribution scores, mean over pairs: the estimated change of the metric when only the edge is patched.
-
-    `effect` is the score normalised like a sweep's effect (score / (m_clean - m_corrupt), the change it explains).
-    """
-
-    method: str
-    direction: str
-    metric: str
-    edges: list[dict]  # {"upstream", "downstream", "score", "effect"}
-
-    def top(self, n: int = 10) -> list[dict]:
-        return sorted(self.edges, key=lambda e: -abs(e["score"]))[:n]
-
-    def to_json(self) -> str:
-        return json.dumps({"method": self.method, "direction": self.direction, "metric": self.metric,
-                           "edges": self.edges}, indent=1)  # fmt: skip
-
-
-def edge_attribution(
-    model: Model,
-    pairs: list[Pair],
-    *,
-    method: str = "eap",
-    direction: str = "denoise",
-    metric: str = "logit_diff",
-    steps: int = 16,
-) -> EdgeResult:
-    """Edge attribution patching between components (EAP; EAP-IG averages the gradients along the input path).
-
-    Upstream: the embeddings and every attention and MLP output. Downstream: every later attention and MLP input and
-    the logits. The score of an edge is (a_source - a_base) of the upstream output, dotted with the gradient of the
-    metric with respect to the downstream component's own input. That gradient is the residual-stream gradient just
-    before the component minus the one just after it (the skip connection carries the rest): for attention
-    `d resid_pre - d resid_mid`, for the MLP `d resid_mid - d resid_post`; for parallel-residual models the layer's
-    attention and MLP share one input, `d resid_pre - d resid_post`. The logits read `resid_post` of the last layer.
-    """
-    metric_name, fn = _check(method, EDGE_METHODS, direction, metric)
-    tokens = tokenize_pairs(model, pairs)
-    n = model.n_layers
-    resid = [site_name(k, i) for i in range(n) for k in ("resid_pre", "resid_mid", "resid_post")
-             if k != "resid_mid" or model.has_resid_mid]  # fmt: skip
-    outputs = ["layers.0.resid_pre", *(site_name(k, i) for i in range(n) for k in ("attn.out", "mlp.out"))]
-    base, source = ("counterfactual", "clean") if direction == "denoise" else ("clean", "counterfactual")
-    totals: dict[tuple[str, str], list[float]] = {}
-    spans = []
-    for j, pair in enumerate(tokens):
-        clean_logits, clean_acts = run_pairs(model, tokens, "clean", outputs, items=[j])
-        cf_logits, cf_acts = run_pairs(model, tokens, "counterfactual", outputs, items=[j])
-        item = ScoredItem(pair.answer, pair.wrong, clean_logits[0])
-        spans.append(float(fn(clean_logits[0], item)) - float(fn(cf_logits[0], item)))
-        src, dst = (clean_acts, cf_acts) if source == "clean" else (cf_acts, clean_acts)
-        deltas = {site: src[site][0] - dst[site][0] for site in outputs}
-        steps_here = steps if method == "eap-ig" else 0
-        grads = _residual_grads(model, getattr(pair, base), getattr(pair, source), resid, item, fn, steps_here)
-        for (up, down), score in _edge_scores(model, deltas, grads).items():
-            totals.setdefault((up, down), []).append(score)
-    span = float(np.mean(spans))
-    edges = []
-    for (up, down), scores in totals.items():
-        score = float(np.mean(scores))
-        edges.append({"upstream": up, "downstream": down, "score": score, "effect": score / span if span else None})
-    return EdgeResult(method, direction, metric_name, edges)
-
-
-def _residual_grads(model, base_ids, source_ids, sites, item, fn, steps) -> dict[str, torch.Tensor]:
-    """Gradients of the metric at residual-stream sites on the base run, or averaged along the input path."""
-    if not steps:
-        result = run(
-            model, model.batch_from_ids([base_ids]), grad=sites, grad_of=lambda logits: fn(logits[0][-1], item)
-        )
-        return {site: result.grads[site][0] for site in sites}
-    start = "layers.0.resid_pre"
-    ends = run(model, model.batch_from_ids([base_ids, source_ids]), record=[start]).acts[start]
-    alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
-    points = ends[0][None] + alphas.view(-1, 1, 1) * (ends[1] - ends[0])[None]
-    result = run(model, model.batch_from_ids([base_ids] * steps), edit={start: lambda v, ctx: points.to(v)},
-                 grad=sites, grad_of=lambda logits: sum(fn(row[-1], item) for row in logits))  # fmt: skip
-    return {site: torch.stack(result.grads[site]).mean(0) for site in sites}
-
-
-def _edge_scores(model: Model, deltas: dict, grads: dict) -> dict[tuple[str, str], float]:
-    n = model.n_layers
-    inputs: list[tuple[str, int, torch.Tensor]] = []  # (downstream name, its order, gradient at its input)
-    for i in range(n):
-        pre, post = grads[site_name("resid_pre", i)], grads[site_name("resid_post", i)]
-        if model.has_resid_mid:
-            mid = grads[site_name("resid_mid", i)]
-            inputs += [(f"layers.{i}.attn", 2 * i, pre - mid), (f"layers.{i}.mlp", 2 * i + 1, mid - post)]
-        else:
-            inputs.append((f"layers.{i}", 2 * i, pre - post))
-    inputs.append(("logits", 2 * n, grads[site_name("resid_post", n - 1)]))
-    upstream = [("embed", -1, deltas["layers.0.resid_pre"])]
-    mlp_step = 1 if model.has_resid_mid else 0  # parallel residual: the MLP writes where attention does
-    for i in range(n):
-        upstream.append((f"layers.{i}.attn", 2 * i, deltas[site_name("attn.out", i)]))
-        upstream.append((f"layers.{i}.mlp", 2 * i + mlp_step, deltas[site_name("mlp.out", i)]))
-    scores = {}
-    for up, up_order, delta in upstream:
-        for down, down_order, grad in inputs:
-            if down_order > up_order:
-                scores[(up, down)] = float((delta.double() * grad.double()).sum())
-    return scores

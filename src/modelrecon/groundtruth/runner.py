@@ -8,6 +8,14 @@ answer), averaged over the task's prompts; positive means it supports the answer
 - dla: direct logit attribution of the unit (MLP neurons; needs no post-norm on the MLP output).
 - patching, atp, atp-ig (tasks with counterfactual prompts, head units): the normalised effect of patching each head
   from the clean into the counterfactual run (denoising), exactly or by attribution patching.
+
+Circuit discovery over edges (tasks with an edge ground truth): each method scores every edge between heads, MLPs,
+embeddings and logits by its contribution, metric(clean) - metric(the edge alone carrying the counterfactual):
+- edge-patching: exactly, one patched edge per row of a batched forward pass;
+- eap, eap-ig: estimated by edge attribution patching (one gradient per receiver; eap-ig along the input path).
+Circuits are the top edges by |score| over MIB's edge budgets (0.1%..100%); CPR and CMD are the areas under their
+normalised faithfulness, (m(circuit) - m(no edges)) / (m(all edges) - m(no edges)), every edge outside the circuit
+carrying its counterfactual value (exact edge patching).
 """
 
 from __future__ import annotations
@@ -21,9 +29,12 @@ import numpy as np
 import torch
 
 from modelrecon.attribution.dla import direct_logit_attribution
+from modelrecon.attribution.edges import all_edges, edge_attribution, patch_edges
 from modelrecon.attribution.gradients import grad_x_act, integrated_gradients, target_fn
 from modelrecon.attribution.patching import attribution_patching
 from modelrecon.counterfactual.interventions import Zero, run_with
+from modelrecon.counterfactual.metrics import ScoredItem, item_metric
+from modelrecon.counterfactual.pairs import tokenize_pairs
 from modelrecon.counterfactual.sweep import sweep
 from modelrecon.errors import BadInputError
 from modelrecon.groundtruth.scoring import score_method
@@ -157,6 +168,55 @@ METHODS: dict[str, Callable[[Model, Task], np.ndarray]] = {
 }
 
 
+def _edge_patching(model: Model, task: Task) -> np.ndarray:
+    """Each edge's exact contribution: the clean metric minus the metric with that edge alone patched."""
+    edges = all_edges(model)
+    total = np.zeros(len(edges))
+    for pair, item, fn in _scored_pairs(model, task):
+        values = patch_edges(model, pair, [set()] + [{e} for e in edges], item, fn)
+        total += values[0] - values[1:]
+    return total / len(task.prompts)
+
+
+def _eap(model: Model, task: Task, method: str = "eap") -> np.ndarray:
+    scores = edge_attribution(model, task.pairs(), method=method, direction="noise").scores()
+    return -np.array([scores[e] for e in all_edges(model)])  # noising estimates m(patched) - m(clean)
+
+
+def _scored_pairs(model: Model, task: Task):
+    """(tokenised pair, item, metric function) for each of the task's pairs, with the logit-difference metric."""
+    _, fn = item_metric("logit_diff")
+    return [(pair, ScoredItem(pair.answer, pair.wrong, None), fn) for pair in tokenize_pairs(model, task.pairs())]
+
+
+EDGE_METHODS: dict[str, Callable[[Model, Task], np.ndarray]] = {
+    "edge-patching": _edge_patching,
+    "eap": _eap,
+    "eap-ig": lambda model, task: _eap(model, task, "eap-ig"),
+}
+EDGE_BUDGETS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def edge_faithfulness(model: Model, task: Task, scores: np.ndarray) -> dict:
+    """Circuits of the top edges by |score| at each budget (ties against the method: later edges first), every
+    other edge patched; CPR / CMD = the areas under the normalised faithfulness / under |1 - it| over the budgets."""
+    edges = all_edges(model)
+    order = sorted(range(len(edges)), key=lambda i: (-abs(scores[i]), -i))
+    kept = [{edges[i] for i in order[: int(np.ceil(b * len(edges)))]} for b in EDGE_BUDGETS]
+    values = np.zeros(len(kept))
+    for pair, item, fn in _scored_pairs(model, task):
+        values += patch_edges(model, pair, [set(edges) - circuit for circuit in kept], item, fn)
+    span = values[-1] - values[0]  # all edges kept minus none kept
+    curve = (values - values[0]) / span if span else np.full(len(kept), np.nan)
+    return {
+        "edge_budgets": list(EDGE_BUDGETS),
+        "edges_kept": [len(c) for c in kept],
+        "faithfulness": curve.tolist(),
+        "cpr": float(np.trapezoid(curve, EDGE_BUDGETS)),
+        "cmd": float(np.trapezoid(np.abs(1 - curve), EDGE_BUDGETS)),
+    }
+
+
 @contextmanager
 def count_passes(model: Model) -> Iterator[dict]:
     """Counts the model's forward passes and the backward passes through its logits while the context is open."""
@@ -178,18 +238,38 @@ def count_passes(model: Model) -> Iterator[dict]:
         handle.remove()
 
 
-def _measure(name: str, model: Model, task: Task) -> tuple[np.ndarray, float, dict]:
+def _measure(method: Callable[[Model, Task], np.ndarray], model: Model, task: Task) -> tuple[np.ndarray, float, dict]:
     """A method's scores on a task, with its wall time and the passes it used."""
     start = time.perf_counter()
     with count_passes(model) as passes:
-        scores = METHODS[name](model, task)
+        scores = method(model, task)
     return scores, time.perf_counter() - start, passes
+
+
+def _figures(scores: np.ndarray, seconds: float, passes: dict) -> dict:
+    return {"scores": scores.tolist(), "seconds": seconds, "forward_passes": passes["forward"],
+            "backward_passes": passes["backward"]}  # fmt: skip
+
+
+def _edge_entry(model: Model, twin: Model, task: Task, names: list[str]) -> dict:
+    """Every edge method's figures on a task with an edge ground truth (edges in `all_edges` order)."""
+    edges = all_edges(model)
+    truth = {edges.index(edge): sign for edge, sign in task.edge_truth.items()}
+    exact_run = _measure(_edge_patching, model, task)
+    out = {}
+    for name in names:
+        scores, seconds, passes = exact_run if name == "edge-patching" else _measure(EDGE_METHODS[name], model, task)
+        out[name] = {**edge_faithfulness(model, task, scores), **_figures(scores, seconds, passes),
+                     **score_method(scores, truth, exact_run[0], EDGE_METHODS[name](twin, task))}  # fmt: skip
+    return out
 
 
 def run_suite(task_names: list[str] | None = None, method_names: list[str] | None = None) -> dict:
     """Scores of every method on every task, with the model's and the randomised twin's scores and the time taken."""
     tasks = [TASKS[n] for n in _known(task_names, TASKS, "task")]
-    methods = _known(method_names, METHODS, "method")
+    chosen = _known(method_names, {**METHODS, **EDGE_METHODS}, "method")
+    methods = [m for m in chosen if m in METHODS]
+    edge_methods = [m for m in chosen if m in EDGE_METHODS]
     report = {"tasks": []}
     for task in tasks:
         if not task.truth:  # a dictionary task: scored by direction recovery once dictionaries exist (issue 7)
@@ -197,7 +277,7 @@ def run_suite(task_names: list[str] | None = None, method_names: list[str] | Non
                                     "methods": {}, "dictionaries": "not built yet: nothing to score"})  # fmt: skip
             continue
         model, twin = task.model(), task.model(twin=True)
-        exact_run = _measure("exact", model, task)  # the reference every method is compared with, and its own row
+        exact_run = _measure(_exact, model, task)  # the reference every method is compared with, and its own row
         exact = exact_run[0]
         kept = task.scored_units()
         truth = {kept.index(u): sign for u, sign in task.truth.items()}
@@ -205,7 +285,7 @@ def run_suite(task_names: list[str] | None = None, method_names: list[str] | Non
                  "methods": {}}  # fmt: skip
         for name in methods:
             try:
-                scores, seconds, passes = exact_run if name == "exact" else _measure(name, model, task)
+                scores, seconds, passes = exact_run if name == "exact" else _measure(METHODS[name], model, task)
             except BadInputError as exc:  # the method does not apply to this task's site
                 entry["methods"][name] = {"applicable": False, "reason": str(exc)}
                 continue
@@ -213,12 +293,12 @@ def run_suite(task_names: list[str] | None = None, method_names: list[str] | Non
             entry["methods"][name] = {
                 "applicable": True,
                 **faithfulness_curve(model, task, scores),
-                "scores": scores.tolist(),
-                "seconds": seconds,
-                "forward_passes": passes["forward"],
-                "backward_passes": passes["backward"],
+                **_figures(scores, seconds, passes),
                 **score_method(scores[kept], truth, exact[kept], twin_scores[kept]),
             }
+        if task.edge_truth and edge_methods:
+            entry["edge_truth"] = [[up, down, sign] for (up, down), sign in task.edge_truth.items()]
+            entry["edges"] = _edge_entry(model, twin, task, edge_methods)
         report["tasks"].append(entry)
     return report
 
@@ -232,28 +312,37 @@ def _known(names: list[str] | None, table: dict, what: str) -> list[str]:
     return names
 
 
-def markdown(report: dict) -> str:
-    """The results table (generated, never typed by hand)."""
-    lines = [
-        "| task | method | ROC-AUC | pessimistic AUC | AP | sign acc. | Kendall vs exact | CPR | CMD | twin Spearman "
-        "| passes (f/b) | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+HEADER = (
+    "| task | method | ROC-AUC | pessimistic AUC | AP | sign acc. | Kendall vs exact | CPR | CMD | twin Spearman "
+    "| passes (f/b) | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+FIGURES = ("roc_auc", "pessimistic_auc", "average_precision", "sign_accuracy", "kendall_vs_exact", "cpr", "cmd",
+           "twin_spearman")  # fmt: skip
 
+
+def _row(task: str, method: str, m: dict) -> str:
     def cell(x):
         return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.2f}"
 
+    passes = f"{m['forward_passes']}/{m['backward_passes']}"
+    return f"| {task} | {method} | " + " | ".join(cell(m[k]) for k in FIGURES) + f" | {passes} | {m['seconds']:.2f} |"
+
+
+def markdown(report: dict) -> str:
+    """The results tables, units then edges (generated, never typed by hand)."""
+    lines = [HEADER]
     for entry in report["tasks"]:
         if "dictionaries" in entry:
             lines.append(f"| {entry['task']} | dictionary recovery | {entry['dictionaries']} | | | | | | | | | |")
         for name, m in entry["methods"].items():
-            if not m["applicable"]:  # e.g. DLA on input features, patching without counterfactual prompts
-                continue
-            figures = [m[k] for k in ("roc_auc", "pessimistic_auc", "average_precision", "sign_accuracy",
-                                      "kendall_vs_exact", "cpr", "cmd", "twin_spearman")]  # fmt: skip
-            passes = f"{m['forward_passes']}/{m['backward_passes']}"
-            lines.append(f"| {entry['task']} | {name} | " + " | ".join(map(cell, figures)) +
-                         f" | {passes} | {m['seconds']:.2f} |")  # fmt: skip
+            if m["applicable"]:  # not e.g. DLA on input features, patching without counterfactual prompts
+                lines.append(_row(entry["task"], name, m))
+    edge_rows = [
+        _row(entry["task"], name, m) for entry in report["tasks"] for name, m in entry.get("edges", {}).items()
+    ]
+    if edge_rows:
+        lines += ["", "Circuit discovery over edges (CPR and CMD over edge budgets 0.1%..100%):", "", HEADER]
+        lines += edge_rows
     return "\n".join(lines) + "\n"
 
 

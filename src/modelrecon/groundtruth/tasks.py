@@ -34,6 +34,9 @@ class Task:
     answers: list[tuple[str, str]] | None = None  # per prompt (answer, wrong), where they differ by prompt
     directions: torch.Tensor | None = None  # feature directions at `site`, `[features, d_model]` (dictionary tasks)
     corrupt: list[str] | None = None  # per prompt, a counterfactual of the same length (for patching methods)
+    # (sender, receiver) -> sign, in `attribution.edges` names: the edges that carry the difference between the
+    # prompts and their counterfactuals (every other edge can take its counterfactual value)
+    edge_truth: dict[tuple[str, str], int] | None = None
 
     def pairs(self) -> list:
         """The prompts with their counterfactuals as `counterfactual.Pair`s (tasks that have counterfactuals)."""
@@ -329,6 +332,11 @@ INDUCTION = Task(
     answers=[(" F", " B"), (" G", " C"), (" A", " C"), (" F", " A"), (" G", " C")],
     # The earlier occurrence replaced: nothing to induct from.
     corrupt=["C D F B E A", "D H G C B", "E D A C F H", "B C F A G D", "H C F G B E"],
+    edge_truth={
+        ("embed", "layers.0.attn.v:0"): +1,  # the previous token
+        ("layers.0.attn.heads:0", "layers.1.attn.k:0"): +1,  # ... as the induction head's key
+        ("layers.1.attn.heads:0", "logits"): +1,
+    },
 )
 
 INDUCTION_BACKUP = Task(
@@ -345,6 +353,132 @@ INDUCTION_BACKUP = Task(
     "ablation and patching call both inert. The negative head shows with the opposite sign.",
     answers=INDUCTION.answers,
     corrupt=INDUCTION.corrupt,
+    edge_truth={
+        ("embed", "layers.0.attn.v:0"): +1,
+        **{("layers.0.attn.heads:0", f"layers.1.attn.k:{h}"): +1 for h in range(2)},
+        ("layers.0.attn.heads:0", "layers.1.attn.k:2"): -1,  # it aims the negative head too
+        ("layers.1.attn.heads:0", "layers.1.mlp"): +1,
+        ("layers.1.attn.heads:1", "layers.1.mlp"): +1,
+        ("layers.1.mlp", "logits"): +1,
+        ("layers.1.attn.heads:2", "logits"): -1,
+    },
+)
+
+
+# --- indirect object: a duplicate-name counter, name movers with a backup behind a gate, and a negative head -------
+NAMES = ["Mary", "John", "Tom", "Anna", "Bob", "Lisa"]
+FILLERS = ["when", "then", "and", "went", "to", "the", "store", "park", "gave", "a", "drink", "book", "bag"]
+# Residual dimensions: the anchor, is-name, the name (T), the names' counts so far (C, written by head 0.0), the name
+# movers' output before the gate (G), the output (O, read by the unembedding) and junk (J, read by nothing).
+N_ANCHOR, N_IS_NAME, N_T = 0, 1, 2
+N_C, N_G, N_O, N_J = (N_T + len(NAMES) * k for k in range(1, 5))
+# Rotary pairs 2..7 of a 16-dim head turn by at most 1e30^(-1/4) rad per position: content matching sees no position.
+IOI_SLOTS = [2, 3, 4, 5, 6, 7, 10]  # is-name, then one per name
+
+
+def _ioi_weights():
+    """Llama, two layers of three 16-dim heads; the prompt names the indirect object once and the subject twice.
+
+    Head 0.0 (duplicate counter): uniform causal attention, value = the name, written to C: at the last position,
+    each name's share of the prompt. Heads 1.0 and 1.1 (name movers) and 1.2 (negative name mover) share one
+    query/key: score = 1000 * is-name - 2000 * C[name], so they attend to the name that occurs once (the subject,
+    seen twice, scores lower). 1.0 and 1.1 write the name to G; layer 1's MLP passes G through min(x, 1) into O, so
+    either mover alone suffices (the backup). 1.2 writes -0.3 x the name into O. Heads 0.1 and 0.2 write junk.
+    logit(name) = 10 * O[name]: the indirect object's logit is 7, the subject's 0.
+    """
+    head_dim, n_heads, n_names = 16, 3, len(NAMES)
+    d = N_J + n_names + 4  # a multiple of the head count (the config requires it)
+    words = NAMES + FILLERS
+    vocab = {w: i + 2 for i, w in enumerate(words)}
+    embed = torch.zeros(len(words) + 2, d)
+    embed[2:, N_ANCHOR] = ANCHOR_VALUE
+    for k, name in enumerate(NAMES):
+        embed[vocab[name], [N_IS_NAME, N_T + k]] = 1.0
+    proj = {name: torch.zeros(2, n_heads * head_dim, d) for name in ("q", "k", "v")}
+    o = torch.zeros(2, d, n_heads * head_dim)
+    for layer in (0, 1):
+        for head in range(n_heads):
+            for k in range(n_names):
+                proj["v"][layer, head * head_dim + k, N_T + k] = 1.0  # every head's value is the name
+    for k in range(n_names):
+        o[0, N_C + k, k] = 1.0  # 0.0: the counts
+        for head in (1, 2):
+            o[0, N_J + k, head * head_dim + k] = 1.0
+        o[1, N_G + k, k] = o[1, N_G + k, head_dim + k] = 1.0  # 1.0 and 1.1: the movers
+        o[1, N_O + k, 2 * head_dim + k] = -0.3  # 1.2: the negative mover
+    for head in range(n_heads):
+        q, k_ = proj["q"][1, head * head_dim :], proj["k"][1, head * head_dim :]
+        q[IOI_SLOTS[0], N_ANCHOR], k_[IOI_SLOTS[0], N_IS_NAME] = 1000.0, 1.0
+        for k, slot in enumerate(IOI_SLOTS[1:]):
+            q[slot, N_C + k], k_[slot, N_T + k] = -2000.0, 1.0
+    n_mlp = 2 * n_names
+    gate, up, down = torch.zeros(n_mlp, d), torch.zeros(n_mlp, d), torch.zeros(d, n_mlp)
+    for k in range(n_names):  # O_k += relu(G_k) - relu(G_k - 1) = min(G_k, 1)
+        gate[2 * k, N_G + k] = 1.0
+        gate[2 * k + 1, [N_G + k, N_ANCHOR]] = torch.tensor([1.0, -1.0])
+        down[N_O + k, 2 * k], down[N_O + k, 2 * k + 1] = 1.0, -1.0
+    up[:, N_ANCHOR] = 1.0
+    unembed = torch.zeros(len(words) + 2, d)
+    for k, name in enumerate(NAMES):
+        unembed[vocab[name], N_O + k] = 10.0
+    config = dict(hidden_size=d, intermediate_size=n_mlp, num_hidden_layers=2, num_attention_heads=n_heads,
+                  num_key_value_heads=n_heads, head_dim=head_dim, vocab_size=len(words) + 2, hidden_act="relu",
+                  tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=32, pad_token_id=0,
+                  rope_theta=1e30)  # fmt: skip
+    norm = _anchored_norm_weight(d, N_ANCHOR)
+    weights = {"model.embed_tokens.weight": embed, "model.norm.weight": norm, "lm_head.weight": unembed,
+               "model.layers.1.mlp.gate_proj.weight": gate, "model.layers.1.mlp.up_proj.weight": up,
+               "model.layers.1.mlp.down_proj.weight": down}  # fmt: skip
+    for layer in (0, 1):
+        prefix = f"model.layers.{layer}."
+        weights[prefix + "input_layernorm.weight"] = norm
+        weights[prefix + "post_attention_layernorm.weight"] = norm
+        for name in ("q", "k", "v"):
+            weights[prefix + f"self_attn.{name}_proj.weight"] = proj[name][layer]
+        weights[prefix + "self_attn.o_proj.weight"] = o[layer]
+    return "llama", config, weights, words
+
+
+IOI_PROMPTS = [  # (indirect object, subject, template); the counterfactual names the other one again (S2 flipped)
+    ("Mary", "John", "when {io} and {s} went to the store {s} gave a drink to"),
+    ("Anna", "Tom", "when {s} and {io} went to the park {s} gave a book to"),
+    ("Bob", "Lisa", "then {io} and {s} went to the store {s} gave a bag to"),
+    ("Tom", "John", "when {s} and {io} went to the park {s} gave a drink to"),
+    ("Anna", "Mary", "then {io} and {s} went to the store {s} gave a book to"),
+]
+
+
+def _ioi_prompt(io: str, s: str, template: str, flipped: bool = False) -> str:
+    head, tail = template.rsplit("{s}", 1)
+    return head.format(io=io, s=s) + (io if flipped else s) + tail
+
+
+IOI = Task(
+    name="ioi",
+    description="indirect object: a duplicate counter (0.0), two name movers behind a gate (1.0, 1.1: an OR) and a "
+    "negative name mover (1.2)",
+    site="layers.*.attn.heads",
+    truth={0: +1, 3: +1, 4: +1, 5: -1},  # units are layer * 3 + head
+    n_units=6,
+    prompts=[_ioi_prompt(*p) for p in IOI_PROMPTS],
+    answer="",
+    wrong="",
+    weights=_ioi_weights,
+    notes="Ablating either name mover alone changes nothing (the other keeps the gate saturated). The counter acts "
+    "only through the movers' queries, so DLA misses it. The counterfactual repeats the indirect object instead of "
+    "the subject, which flips the answer.",
+    answers=[(f" {io}", f" {s}") for io, s, _ in IOI_PROMPTS],
+    corrupt=[_ioi_prompt(*p, flipped=True) for p in IOI_PROMPTS],
+    edge_truth={
+        ("embed", "layers.0.attn.v:0"): +1,  # the names counted
+        # the counts into the queries, and which name sits where into the keys; the negative head's with sign -1
+        **{("layers.0.attn.heads:0", f"layers.1.attn.q:{h}"): +1 if h < 2 else -1 for h in range(3)},
+        **{("embed", f"layers.1.attn.k:{h}"): +1 if h < 2 else -1 for h in range(3)},
+        ("layers.1.attn.heads:0", "layers.1.mlp"): +1,
+        ("layers.1.attn.heads:1", "layers.1.mlp"): +1,
+        ("layers.1.mlp", "logits"): +1,
+        ("layers.1.attn.heads:2", "logits"): -1,
+    },
 )
 
 
@@ -396,6 +530,8 @@ FRAC_PREVS = Task(
     prompts=["x o x x", "o x x", "x x o x o x", "x x o"],
     answer=" Y",
     wrong=" N",
+    corrupt=["o x o o", "x o o", "o o x o x o", "o o x"],  # x and o swapped: the fraction becomes 1 - frac
+    edge_truth={("embed", "layers.0.attn.v:0"): +1, ("layers.0.attn.heads:0", "logits"): +1},
     weights=_frac_prevs_weights,
     notes="Linear all the way from the head to the logits: every method should pass; a method that fails here is "
     "broken, not fooled.",
@@ -472,5 +608,5 @@ SUPERPOSITION = Task(
 )
 
 TASKS: dict[str, Task] = {
-    t.name: t for t in (MLP_GATE, MLP_GATE_INPUTS, MLP_OR, INDUCTION, INDUCTION_BACKUP, FRAC_PREVS, SUPERPOSITION)
+    t.name: t for t in (MLP_GATE, MLP_GATE_INPUTS, MLP_OR, INDUCTION, INDUCTION_BACKUP, IOI, FRAC_PREVS, SUPERPOSITION)
 }

@@ -32,6 +32,7 @@ class Adapter:
     # per head, q|k|v ("per_head", GPT-NeoX). Their outputs are the attn.q / attn.k / attn.v sites.
     qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     qkv_layout: str = "separate"
+    attn_norm: str = "input_layernorm"  # its output is attention's input (read by exact edge patching)
     parallel_residual: Callable[[object], bool] = field(default=lambda config: False)
 
     def top_level_paths(self) -> list[str]:
@@ -46,6 +47,7 @@ class Adapter:
             self.mlp_out,
             self.down_proj,
             self.mlp_norm,
+            self.attn_norm,
             *self.qkv,
         ]
         return list(dict.fromkeys(paths))  # one module may serve two sites
@@ -97,6 +99,7 @@ ADAPTERS: list[Adapter] = [
         mlp_out="mlp",
         down_proj="mlp.c_proj",
         mlp_norm="ln_2",
+        attn_norm="ln_1",
         qkv=("attn.c_attn",),
         qkv_layout="concat",
     ),
