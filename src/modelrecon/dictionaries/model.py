@@ -87,7 +87,7 @@ class Dictionary(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n, c.width, dtype=dtype))
         # W_dec[l] holds the decoders from layer l to layers l..n-1 (one for per-layer dictionaries).
         self.W_dec = nn.ParameterList(
-            [nn.Parameter(torch.zeros(c.width, n - l, c.d_out, dtype=dtype)) for l in range(n)]
+            [nn.Parameter(torch.zeros(c.width, n - i, c.d_out, dtype=dtype)) for i in range(n)]
         )
         self.b_dec = nn.Parameter(torch.zeros(n, c.d_out, dtype=dtype))
         self.W_skip = (
@@ -145,7 +145,7 @@ class Dictionary(nn.Module):
         n = self.config.n_layers
         outputs = []
         for m in range(n):  # output layer m gets the decoders of input layers 0..m
-            y = self.b_dec[m] + sum(f[..., l, :] @ self.W_dec[l][:, m - l] for l in range(m + 1))
+            y = self.b_dec[m] + sum(f[..., i, :] @ self.W_dec[i][:, m - i] for i in range(m + 1))
             outputs.append(y)
         y = torch.stack(outputs, -2)
         if self.W_skip is not None:
@@ -181,13 +181,13 @@ class Dictionary(nn.Module):
         c = self.config
         self.input_scale.copy_((c.d_in / x.pow(2).sum(-1).mean(0).clamp_min(1e-12)).sqrt())
         self.output_scale.copy_((c.d_out / y.pow(2).sum(-1).mean(0).clamp_min(1e-12)).sqrt())
-        for l, w in enumerate(self.W_dec):
+        for w in self.W_dec:
             w.copy_(torch.randn(w.shape, generator=generator, dtype=w.dtype))
         self.normalise_decoder()
-        for l in range(c.n_layers):
-            diagonal = self.W_dec[l][:, 0]  # the decoder to its own layer
-            self.W_enc[l].copy_(diagonal.T if c.d_in == c.d_out else torch.randn(c.d_in, c.width, generator=generator)
-                                / c.d_in**0.5)  # fmt: skip
+        for layer in range(c.n_layers):
+            diagonal = self.W_dec[layer][:, 0]  # the decoder to its own layer
+            untied = torch.randn(c.d_in, c.width, generator=generator) / c.d_in**0.5
+            self.W_enc[layer].copy_(diagonal.T if c.d_in == c.d_out else untied)
         self.b_dec.copy_((y * self.output_scale[:, None]).mean(0))
         if self.W_skip is not None:
             self.W_skip.zero_()
@@ -199,8 +199,8 @@ class Dictionary(nn.Module):
         out.load_state_dict(self.state_dict())
         s_in, s_out = self.input_scale, self.output_scale
         out.W_enc.copy_(self.W_enc * s_in[:, None, None])  # an SAE's (s x - b) W = (x - b / s)(s W): b_dec below
-        for l, w in enumerate(out.W_dec):
-            w.copy_(self.W_dec[l] / s_out[l:, None][None])
+        for layer, w in enumerate(out.W_dec):
+            w.copy_(self.W_dec[layer] / s_out[layer:, None][None])
         out.b_dec.copy_(self.b_dec / s_out[:, None])
         if out.W_skip is not None:
             out.W_skip.copy_(self.W_skip * (s_in / s_out)[:, None, None])
