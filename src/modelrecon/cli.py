@@ -539,6 +539,69 @@ def verify(
         stdout.print(f"wrote {write_verify_html(report, html_out)}", markup=False)
 
 
+@app.command("train")
+def train_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="the dictionary folder to write")],
+    kind: Annotated[str, typer.Option(help="sae, transcoder, skip-transcoder or clt")] = "sae",
+    site: Annotated[str, typer.Option(help="sae: a site or glob (layers.*.resid_post); others: layers.N.mlp")] = (
+        "layers.*.resid_post"
+    ),
+    width: Annotated[int, typer.Option(min=1, help="latents per layer")] = 4096,
+    k: Annotated[int, typer.Option(min=1, help="topk / batchtopk: active latents per token")] = 32,
+    activation: Annotated[str, typer.Option(help="topk, batchtopk, jumprelu or relu")] = "topk",
+    tokens: Annotated[int, typer.Option(min=1, help="training tokens")] = 1_000_000,
+    model: ModelOption = DEFAULT_MODEL,
+    cube: Annotated[Path | None, typer.Option(help="train from this cube's stored activations")] = None,
+    corpus: Annotated[
+        str, typer.Option(help="or stream the model on this text (.txt/.jsonl/.parquet, a corpus folder, or 'sample')")
+    ] = "sample",  # fmt: skip
+    batch_size: Annotated[int, typer.Option(min=1, help="tokens per step")] = 4096,
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
+    l1: Annotated[float, typer.Option(help="relu: L1 coefficient")] = 1e-3,
+    l0: Annotated[float, typer.Option(help="jumprelu: L0 coefficient")] = 1e-3,
+    seed: Annotated[int, typer.Option()] = 0,
+    context_length: Annotated[int, typer.Option(min=2, help="tokens per streamed window")] = 128,
+    checkpoint_every: Annotated[int, typer.Option(min=0, help="steps between checkpoints (0: at the end)")] = 100,
+) -> None:
+    """Train SAEs or transcoders (per layer, skip, or cross-layer) on the model's activations. Checkpoints go to
+    .OUT.checkpoint beside OUT; the same command resumes from there after a kill."""
+    import shutil
+
+    from modelrecon.dictionaries.formats import save_dictionaries
+    from modelrecon.dictionaries.train import TrainOptions, train_on_model
+    from modelrecon.errors import BadInputError
+
+    if cube is not None and corpus != "sample":
+        raise BadInputError("give --cube or --corpus, not both")
+    options = TrainOptions(tokens=tokens, batch_size=batch_size, lr=lr, l1=l1, l0=l0, seed=seed,
+                           checkpoint_every=checkpoint_every)  # fmt: skip
+    loaded = _load(model)
+    cube_obj = None
+    if cube is not None:
+        from modelrecon.cube.reader import Cube
+
+        cube_obj = Cube(cube)
+    checkpoint = out.parent / f".{out.name}.checkpoint"
+    dictionaries = train_on_model(loaded, kind, site, width, options, activation=activation, k=k, cube=cube_obj,
+                                  corpus=corpus, context_length=context_length, checkpoint=checkpoint)  # fmt: skip
+    save_dictionaries(dictionaries, out)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    stdout.print(
+        f"wrote {len(dictionaries)} dictionar{'y' if len(dictionaries) == 1 else 'ies'} to {out}", markup=False
+    )
+
+
+@app.command("transcoders")
+def transcoders_command(model: ModelOption = DEFAULT_MODEL) -> None:
+    """Build (once; about ten minutes on two cores) or locate the embedded model's default transcoders."""
+    from modelrecon.dictionaries.defaults import default_transcoders, default_transcoders_folder
+
+    loaded = _load(model)
+    dictionaries = default_transcoders(loaded)
+    stdout.print(f"{len(dictionaries)} default transcoders of {loaded.name}: {default_transcoders_folder(loaded)}",
+                 markup=False)  # fmt: skip
+
+
 groundtruth_app = typer.Typer(
     help="White-box models with known circuits that score the explainers.", no_args_is_help=True
 )
@@ -563,6 +626,18 @@ def groundtruth_run(
     stdout.print(f"wrote {json_out}", markup=False)
     if markdown_out is not None:
         stdout.print(f"wrote {write_text_atomic(markdown_out, table)}", markup=False)
+
+
+def _register_packages() -> None:
+    """Commands that live with their package."""
+    from modelrecon.corpus.cli import corpus_app
+    from modelrecon.dictionaries.cli import eval_dict
+
+    app.add_typer(corpus_app, name="corpus")
+    app.command("eval-dict")(eval_dict)
+
+
+_register_packages()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,7 +30,8 @@ def token_progress(
     unit: str = "tokens",
     rate_unit: str = "tok",
 ) -> Iterator[Callable[[int], None]]:
-    """A progress bar over units of work (tokens by default) with rate and ETA; yields `advance(n)`."""
+    """A progress bar over units of work (tokens by default) with rate and ETA; yields `advance(n, status="")`, where
+    `status` is shown after the bar (e.g. a training run's loss)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (
@@ -39,15 +40,16 @@ def token_progress(
         MofNCompleteColumn(),
         TextColumn(unit + "  {task.fields[rate]}"),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
     )
     with Progress(*columns, console=_console, disable=not enabled, transient=False) as bar:
-        task = bar.add_task(label, total=total, completed=done, rate="")
+        task = bar.add_task(label, total=total, completed=done, rate="", status="")
         start, counted = time.perf_counter(), 0
 
-        def advance(n: int) -> None:
+        def advance(n: int, status: str = "") -> None:
             nonlocal counted
             counted += n
             rate = counted / max(time.perf_counter() - start, 1e-9)
-            bar.update(task, advance=n, rate=f"{rate:,.0f} {rate_unit}/s")
+            bar.update(task, advance=n, rate=f"{rate:,.0f} {rate_unit}/s", status=status)
 
         yield advance

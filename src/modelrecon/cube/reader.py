@@ -129,23 +129,27 @@ class Cube:
             raise CubeError(f"layer(s) {missing} of '{kind}' are not in this cube; captured layers: {captured}")
         return [captured.index(layer) for layer in chosen]
 
-    def _rows(self, prompt: int | None) -> slice:
-        rows = self.prompt_tokens(prompt) if prompt is not None else slice(0, self.n_tokens)
+    def _rows(self, prompt: int | None, tokens: slice | None = None) -> slice:
+        if tokens is not None:
+            rows = slice(*tokens.indices(self.n_tokens)[:2])
+        else:
+            rows = self.prompt_tokens(prompt) if prompt is not None else slice(0, self.n_tokens)
         if rows.stop > self.tokens_written:
             raise CubeError(f"tokens {self.tokens_written}..{rows.stop - 1} of this partial cube are not written yet")
         return rows
 
-    def get(self, kind: str, prompt: int | None = None, layers=None, units=None, as_torch: bool = False):
+    def get(self, kind: str, prompt: int | None = None, layers=None, units=None, as_torch: bool = False,
+            tokens: slice | None = None):  # fmt: skip
         """Activations `[tokens, layers, units]` of one site kind; reads only the chunks it needs.
 
-        prompt: one prompt's tokens (default all); layers: model layer index or list (default all captured);
-        units: index, list or slice of units (default all).
+        prompt: one prompt's tokens (default all); tokens: a range of token rows across prompts (instead of prompt);
+        layers: model layer index or list (default all captured); units: index, list or slice of units (default all).
         """
         self._check_kind(kind)
         if self.metadata["sites"][kind].get("summaries_only"):
             raise CubeError(f"site kind '{kind}' holds only summaries (imported), no activations")
         values = self._group[f"sites/{kind}"]
-        rows, layer_axis = self._rows(prompt), self._layer_axis(kind, layers)
+        rows, layer_axis = self._rows(prompt, tokens), self._layer_axis(kind, layers)
         unit_axis = slice(None) if units is None else ([units] if isinstance(units, int) else units)
         if isinstance(layer_axis, list) and not isinstance(unit_axis, slice):  # zarr takes one list axis at a time
             data = np.stack([values[rows, [layer], :][:, 0] for layer in layer_axis], axis=1)[:, :, unit_axis]

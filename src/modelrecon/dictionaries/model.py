@@ -174,13 +174,15 @@ class Dictionary(nn.Module):
 
     @torch.no_grad()
     def initialise(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> None:
-        """Unit-norm random decoder rows, the encoder their transpose (tied init), pre-biases at the mean output, and
-        the normalisation scales that give inputs and outputs a mean squared norm of d (`x`, `y`: `[tokens, layer,
-        d]` samples). The threshold of JumpReLU starts at a tenth of a typical pre-activation."""
+        """Unit-norm random decoder rows, the encoder their transpose (tied init), the decoder bias at the mean output,
+        and normalisation scales that give inputs and outputs a mean squared distance of d from their mean (`x`, `y`:
+        `[tokens, layer, d]` samples)."""
         generator = torch.Generator().manual_seed(seed)
         c = self.config
-        self.input_scale.copy_((c.d_in / x.pow(2).sum(-1).mean(0).clamp_min(1e-12)).sqrt())
-        self.output_scale.copy_((c.d_out / y.pow(2).sum(-1).mean(0).clamp_min(1e-12)).sqrt())
+        # Scales from the spread around the mean, not the raw norm: a constant offset (an attention sink's massive
+        # activation) would otherwise shrink everything else to nothing.
+        self.input_scale.copy_((c.d_in / (x - x.mean(0)).pow(2).sum(-1).mean(0).clamp_min(1e-12)).sqrt())
+        self.output_scale.copy_((c.d_out / (y - y.mean(0)).pow(2).sum(-1).mean(0).clamp_min(1e-12)).sqrt())
         for w in self.W_dec:
             w.copy_(torch.randn(w.shape, generator=generator, dtype=w.dtype))
         self.normalise_decoder()

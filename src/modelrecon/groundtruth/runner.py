@@ -37,7 +37,7 @@ from modelrecon.counterfactual.metrics import ScoredItem, item_metric
 from modelrecon.counterfactual.pairs import tokenize_pairs
 from modelrecon.counterfactual.sweep import sweep
 from modelrecon.errors import BadInputError
-from modelrecon.groundtruth.scoring import score_method
+from modelrecon.groundtruth.scoring import direction_recovery, score_method
 from modelrecon.groundtruth.tasks import TASKS, Task
 from modelrecon.hooks.run import run
 from modelrecon.models.model import Model
@@ -194,6 +194,64 @@ EDGE_METHODS: dict[str, Callable[[Model, Task], np.ndarray]] = {
     "eap": _eap,
     "eap-ig": lambda model, task: _eap(model, task, "eap-ig"),
 }
+# Sparse dictionaries on the superposition task: width twice the true feature count, trained from a cube of the
+# task's own activations; k is the codes' mean size (2).
+DICTIONARY_METHODS: dict[str, dict] = {
+    "sae-topk": {"activation": "topk", "k": 2},
+    "sae-batchtopk": {"activation": "batchtopk", "k": 2},
+    "sae-jumprelu": {"activation": "jumprelu", "k": None},
+    "sae-relu": {"activation": "relu", "k": None},
+}
+DICTIONARY_TRAINING = {"tokens": 400_000, "batch_size": 256, "lr": 1e-2, "l1": 3e-2, "l0": 3e-2}
+
+
+def _dictionary_recovery(model: Model, task: Task, activation: str, k: int | None) -> dict:
+    """Train an SAE at the task's site on its prompts' activations; how well its decoder recovers the directions."""
+    import tempfile
+
+    from modelrecon.cube.capture import capture
+    from modelrecon.cube.reader import Cube
+    from modelrecon.dictionaries import DictionaryConfig
+    from modelrecon.dictionaries.sources import CubeSource
+    from modelrecon.dictionaries.train import TrainOptions, train
+
+    site = task.site
+    options = TrainOptions(**DICTIONARY_TRAINING)
+    with tempfile.TemporaryDirectory() as folder:
+        capture(model, task.prompts, f"{folder}/acts.zarr", sites=[site], dtype="float32", progress=False)
+        cube = Cube(f"{folder}/acts.zarr")
+        kind, layer = site.split(".", 2)[2], int(site.split(".")[1])
+        source = CubeSource(cube, kind, kind, [layer], options.batch_size, seed=options.seed)
+        config = DictionaryConfig("sae", model.d_model, model.d_model, 2 * len(task.directions), activation, k,
+                                  (site,), (site,))  # fmt: skip
+        start = time.perf_counter()
+        (sae,) = train(source, [config], options, progress=False)
+        seconds = time.perf_counter() - start
+        acts = torch.from_numpy(cube.get(kind, layers=layer)[:, 0])
+    folded = sae.fold_normalisation()
+    with torch.no_grad():
+        prediction, latents = folded(acts)
+    decoder = folded.W_dec[0][:, 0].detach().numpy()
+    centred = (acts - acts.mean(0)).pow(2).sum()
+    return {
+        **direction_recovery(task.directions.numpy(), decoder),
+        "fvu": float((prediction - acts).pow(2).sum() / centred),
+        "l0": float((latents > 0).sum(-1).float().mean()),
+        "seconds": seconds,
+        "tokens": options.tokens,
+    }
+
+
+def _dictionary_entry(model: Model, twin: Model, task: Task, names: list[str]) -> dict:
+    out = {}
+    for name in names:
+        spec = DICTIONARY_METHODS[name]
+        result = _dictionary_recovery(model, task, spec["activation"], spec["k"])
+        twin_result = _dictionary_recovery(twin, task, spec["activation"], spec["k"])
+        out[name] = {**result, "twin_mean_max_cosine": twin_result["mean_max_cosine"]}
+    return out
+
+
 EDGE_BUDGETS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
@@ -267,16 +325,18 @@ def _edge_entry(model: Model, twin: Model, task: Task, names: list[str]) -> dict
 def run_suite(task_names: list[str] | None = None, method_names: list[str] | None = None) -> dict:
     """Scores of every method on every task, with the model's and the randomised twin's scores and the time taken."""
     tasks = [TASKS[n] for n in _known(task_names, TASKS, "task")]
-    chosen = _known(method_names, {**METHODS, **EDGE_METHODS}, "method")
+    chosen = _known(method_names, {**METHODS, **EDGE_METHODS, **DICTIONARY_METHODS}, "method")
     methods = [m for m in chosen if m in METHODS]
     edge_methods = [m for m in chosen if m in EDGE_METHODS]
+    dictionary_methods = [m for m in chosen if m in DICTIONARY_METHODS]
     report = {"tasks": []}
     for task in tasks:
-        if not task.truth:  # a dictionary task: scored by direction recovery once dictionaries exist (issue 7)
-            report["tasks"].append({"task": task.name, "description": task.description, "site": task.site,
-                                    "methods": {}, "dictionaries": "not built yet: nothing to score"})  # fmt: skip
-            continue
         model, twin = task.model(), task.model(twin=True)
+        if task.directions is not None:  # a dictionary task: scored by direction recovery
+            report["tasks"].append({"task": task.name, "description": task.description, "site": task.site,
+                                    "methods": {}, "dictionaries": _dictionary_entry(model, twin, task,
+                                                                                     dictionary_methods)})  # fmt: skip
+            continue
         exact_run = _measure(_exact, model, task)  # the reference every method is compared with, and its own row
         exact = exact_run[0]
         kept = task.scored_units()
@@ -332,8 +392,6 @@ def markdown(report: dict) -> str:
     """The results tables, units then edges (generated, never typed by hand)."""
     lines = [HEADER]
     for entry in report["tasks"]:
-        if "dictionaries" in entry:
-            lines.append(f"| {entry['task']} | dictionary recovery | {entry['dictionaries']} | | | | | | | | | |")
         for name, m in entry["methods"].items():
             if m["applicable"]:  # not e.g. DLA on input features, patching without counterfactual prompts
                 lines.append(_row(entry["task"], name, m))
@@ -343,6 +401,16 @@ def markdown(report: dict) -> str:
     if edge_rows:
         lines += ["", "Circuit discovery over edges (CPR and CMD over edge budgets 0.1%..100%):", "", HEADER]
         lines += edge_rows
+    dictionary_rows = [(entry["task"], name, m) for entry in report["tasks"]
+                       for name, m in entry.get("dictionaries", {}).items()]  # fmt: skip
+    if dictionary_rows:
+        lines += ["", "Dictionaries: recovery of the true feature directions by each SAE's decoder:", "",
+                  "| task | dictionary | mean max cosine | fraction matched (> 0.9) | FVU | L0 | twin mean max cosine "
+                  "| tokens | s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for task_name, name, m in dictionary_rows:
+            figures = (m["mean_max_cosine"], m["fraction_matched"], m["fvu"], m["l0"], m["twin_mean_max_cosine"])
+            lines.append(f"| {task_name} | {name} | " + " | ".join(f"{x:.2f}" for x in figures) +
+                         f" | {m['tokens']:,} | {m['seconds']:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -541,22 +541,25 @@ FRAC_PREVS = Task(
 SUPERPOSITION_FEATURES, SUPERPOSITION_DIMS = 12, 6
 
 
+SUPERPOSITION_TOKENS = 1000
+
+
 def _superposition_directions() -> torch.Tensor:
-    """12 unit directions in 6 dimensions (seeded), spread so that no two are closer than cosine 0.8."""
+    """12 unit directions in 6 dimensions (seeded), spread so that no two are closer than |cosine| 0.7."""
     generator = torch.Generator().manual_seed(0)
     while True:
         directions = torch.randn(SUPERPOSITION_FEATURES, SUPERPOSITION_DIMS, generator=generator)
         directions = directions / directions.norm(dim=1, keepdim=True)
         cosine = directions @ directions.T - torch.eye(SUPERPOSITION_FEATURES)
-        if cosine.abs().max() < 0.8:
+        if cosine.abs().max() < 0.7:
             return directions
 
 
 def _superposition_tokens() -> dict[str, dict[int, float]]:
-    """60 tokens, each one to three features active with magnitudes in [0.5, 1.5] (seeded): sparse codes."""
+    """1000 tokens, each one to three features active with magnitudes in [0.5, 1.5] (seeded): sparse codes."""
     generator = torch.Generator().manual_seed(1)
     tokens = {}
-    for t in range(60):
+    for t in range(SUPERPOSITION_TOKENS):
         k = int(torch.randint(1, 4, (1,), generator=generator))
         chosen = torch.randperm(SUPERPOSITION_FEATURES, generator=generator)[:k].tolist()
         values = (0.5 + torch.rand(k, generator=generator)).tolist()
@@ -599,11 +602,11 @@ SUPERPOSITION = Task(
     site="layers.0.resid_post",
     truth={},
     n_units=0,
-    prompts=[" ".join(f"t{(7 * i + j) % 60}" for j in range(20)) for i in range(30)],
+    prompts=[" ".join(f"t{20 * i + j}" for j in range(20)) for i in range(SUPERPOSITION_TOKENS // 20)],
     answer="",
     wrong="",
     weights=_superposition_weights,
-    notes="Scored by dictionary recovery (mean max cosine, fraction matched above 0.9) once dictionaries exist.",
+    notes="Scored by dictionary recovery: mean max cosine, fraction matched above 0.9.",
     directions=_padded_directions(),
 )
 

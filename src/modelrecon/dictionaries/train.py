@@ -1,0 +1,286 @@
+"""Training dictionaries: several layers' dictionaries (or one cross-layer transcoder) from one activation source.
+
+Loss per dictionary, in normalised units (inputs and targets scaled to a mean squared norm of d):
+- reconstruction: ||y - ŷ||², summed over the output, mean over tokens and layers;
+- relu: + l1 * sum_i f_i ||W_dec,i|| (the decoder norm keeps the penalty from being dodged by shrinking f);
+- jumprelu: + l0 * sum_i H(pre_i - threshold_i) (straight-through gradient for the threshold);
+- topk / batchtopk: + aux * AuxK (Gao et al. 2024): the latents dead for `dead_after_tokens` tokens reconstruct the
+  remaining error with their top `aux_k` activations, which gives dead latents a gradient again.
+TopK and BatchTopK decoders are renormalised to unit rows after every step. BatchTopK's inference threshold is the
+running mean of the smallest activation it kept per batch.
+
+Checkpoints (a folder: `state.safetensors` + `state.json`) hold the dictionaries, the optimiser, the dead-
+latent counters and the source's position; `train` resumes from one when it exists, and a resumed run ends with the
+same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from modelrecon.dictionaries.model import Dictionary, DictionaryConfig, step
+from modelrecon.errors import BadInputError
+from modelrecon.progress import token_progress
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    tokens: int = 1_000_000
+    batch_size: int = 4096
+    lr: float = 1e-3
+    l1: float = 1e-3  # relu
+    l0: float = 1e-3  # jumprelu
+    aux: float = 1 / 32  # topk / batchtopk AuxK weight
+    aux_k: int | None = None  # default: half the input width
+    dead_after_tokens: int | None = None  # default: a tenth of the run, at least 10 batches
+    seed: int = 0
+    checkpoint_every: int = 0  # steps; 0: only at the end
+    decay_fraction: float = 0.2  # the learning rate decays linearly to 0 over this last part of the run
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.batch_size)
+
+    def dead_after(self) -> int:
+        return self.dead_after_tokens or max(10 * self.batch_size, self.tokens // 10)
+
+
+@dataclass
+class TrainState:
+    step: int
+    dead_for: list[torch.Tensor]  # per dictionary, tokens since each latent last fired `[layer, width]`
+    kept_min_sum: list[torch.Tensor]  # batchtopk: sums of the smallest kept activation per layer
+    last: dict  # the last step's loss, fvu, l0, dead fraction (for the progress bar and the report)
+
+
+def _layer_slices(dictionaries: list[Dictionary]) -> list[slice]:
+    """Which of the source's layers each dictionary reads (per-layer dictionaries one each, a CLT all of its own)."""
+    out, start = [], 0
+    for d in dictionaries:
+        out.append(slice(start, start + d.config.n_layers))
+        start += d.config.n_layers
+    return out
+
+
+def dictionary_loss(d: Dictionary, x: torch.Tensor, y: torch.Tensor, options: TrainOptions, dead: torch.Tensor):
+    """(loss, figures, latents, pre-activations) for one batch `x [B, layer, d_in]`, `y [B, layer, d_out]`."""
+    c = d.config
+    pre = d.pre_activations(x)
+    f = d.activate(pre, training=True)
+    y_hat = d.decode(f, x)
+    scale = d.output_scale[:, None]
+    error = (y_hat - y) * scale
+    mse = error.pow(2).sum(-1).mean()
+    loss = mse
+    if c.activation == "relu":
+        loss = loss + options.l1 * (f * d.decoder_norms()).sum(-1).mean()
+    elif c.activation == "jumprelu":
+        loss = loss + options.l0 * step(pre, d.log_threshold.exp(), c.jumprelu_bandwidth).sum(-1).mean()
+    elif dead.any():  # AuxK
+        aux_k = min(options.aux_k or max(1, c.d_in // 2), int(dead.sum(-1).max()))
+        masked = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
+        top = masked.topk(aux_k, dim=-1)
+        f_dead = torch.zeros_like(masked).scatter(-1, top.indices, top.values)
+        zero = torch.zeros_like(x)
+        revived = (d.decode(f_dead, zero) - d.decode(torch.zeros_like(f_dead), zero)) * scale
+        loss = loss + options.aux * (revived + error.detach()).pow(2).sum(-1).mean()
+    centred = (y - y.mean(0)) * scale
+    figures = {
+        "loss": float(loss.detach()),
+        "fvu": float(error.detach().pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12)),
+        "l0": float((f > 0).sum(-1).float().mean()),
+    }
+    return loss, figures, f, pre
+
+
+def train(
+    source,
+    configs: list[DictionaryConfig],
+    options: TrainOptions,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+) -> list[Dictionary]:
+    """Train one dictionary per config on `source`'s batches (`source` yields `x [B, layers, d_in]`, `y [B, layers,
+    d_out]`, the configs' layers in order). With `checkpoint` (a folder), the state is saved there every
+    `options.checkpoint_every` steps and at the end, and a run resumes from it when it exists."""
+    torch.manual_seed(options.seed)
+    dictionaries = [Dictionary(c) for c in configs]
+    slices = _layer_slices(dictionaries)
+    params = [p for d in dictionaries for p in d.parameters()]
+    optimiser = torch.optim.Adam(params, lr=options.lr)
+    decay_start = int(options.steps * (1 - options.decay_fraction))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser,
+        lambda s: 1.0 if s < decay_start else max(0.0, (options.steps - s) / max(1, options.steps - decay_start)),
+    )
+    state = TrainState(0, [torch.zeros(c.n_layers, c.width) for c in configs],
+                       [torch.zeros(c.n_layers) for c in configs], {})  # fmt: skip
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    first = None
+    if checkpoint is not None and (checkpoint / "state.json").exists():
+        _restore(checkpoint, dictionaries, optimiser, schedule, state, source)
+    else:
+        first = next(source)
+        for d, rows in zip(dictionaries, slices, strict=True):
+            d.initialise(first[0][:, rows], first[1][:, rows], seed=options.seed)
+    dead_after = options.dead_after()
+    with token_progress(options.steps * options.batch_size, done=state.step * options.batch_size, enabled=progress,
+                        label="train", unit="tokens", rate_unit="tok") as advance:  # fmt: skip
+        while state.step < options.steps:
+            x, y = first if first is not None else next(source)
+            first = None
+            optimiser.zero_grad()
+            total, figures = 0.0, []
+            for i, (d, rows) in enumerate(zip(dictionaries, slices, strict=True)):
+                loss, fig, f, _ = dictionary_loss(d, x[:, rows], y[:, rows], options, state.dead_for[i] > dead_after)
+                total = total + loss
+                figures.append(fig)
+                fired = (f > 0).any(0)
+                state.dead_for[i] = torch.where(fired, torch.zeros_like(state.dead_for[i]),
+                                                state.dead_for[i] + len(x))  # fmt: skip
+                if d.config.activation == "batchtopk":
+                    kept = torch.where(f > 0, f, torch.full_like(f, float("inf"))).amin(dim=(0, -1))
+                    state.kept_min_sum[i] += torch.where(torch.isinf(kept), torch.zeros_like(kept), kept).detach()
+            total.backward()
+            optimiser.step()
+            schedule.step()
+            state.step += 1
+            for i, d in enumerate(dictionaries):
+                if d.config.activation in ("topk", "batchtopk"):
+                    d.normalise_decoder()
+                if d.config.activation == "batchtopk":
+                    d.threshold.copy_((state.kept_min_sum[i] / state.step)[:, None].expand_as(d.threshold))
+            state.last = {k: sum(f[k] for f in figures) / len(figures) for k in ("loss", "fvu", "l0")}
+            state.last["dead"] = float(sum((t > dead_after).float().mean() for t in state.dead_for) / len(figures))
+            advance(len(x), "  ".join(f"{k} {v:.3g}" for k, v in state.last.items()))
+            at_checkpoint = options.checkpoint_every and state.step % options.checkpoint_every == 0
+            if checkpoint is not None and (at_checkpoint or state.step == options.steps):
+                _save(checkpoint, dictionaries, optimiser, schedule, state, source, options)
+    return dictionaries
+
+
+def _save(folder: Path, dictionaries, optimiser, schedule, state: TrainState, source, options: TrainOptions) -> None:
+    """The whole training state, written to a temporary folder and swapped in (a kill never leaves half of it)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, d in enumerate(dictionaries):
+        tensors |= {f"dict.{i}.{k}": v.detach().contiguous() for k, v in d.state_dict().items()}
+        tensors[f"dead.{i}"] = state.dead_for[i]
+        tensors[f"kept_min.{i}"] = state.kept_min_sum[i]
+    opt = optimiser.state_dict()
+    opt_meta = {"param_groups": opt["param_groups"], "steps": {}}
+    for index, values in opt["state"].items():
+        for key, value in values.items():
+            if key == "step":
+                opt_meta["steps"][str(index)] = float(value)
+            else:
+                tensors[f"adam.{index}.{key}"] = value.contiguous()
+    source_meta, source_tensors = source.state()
+    tensors |= {f"source.{k}": v for k, v in source_tensors.items()}
+    meta = {"step": state.step, "last": state.last, "optimiser": opt_meta, "schedule": schedule.state_dict(),
+            "source": source_meta, "options": asdict(options)}  # fmt: skip
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".checkpoint."))
+    try:
+        save_file(tensors, str(temp / "state.safetensors"))
+        (temp / "state.json").write_text(json.dumps(meta))
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(temp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _restore(folder: Path, dictionaries, optimiser, schedule, state: TrainState, source) -> None:
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"cannot resume from {folder}: {exc}; delete that folder to start over") from exc
+    for i, d in enumerate(dictionaries):
+        prefix = f"dict.{i}."
+        d.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        state.dead_for[i] = tensors[f"dead.{i}"]
+        state.kept_min_sum[i] = tensors[f"kept_min.{i}"]
+    opt_state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("adam."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = value
+    for index, count in meta["optimiser"]["steps"].items():
+        opt_state.setdefault(int(index), {})["step"] = torch.tensor(count)
+    optimiser.load_state_dict({"state": opt_state, "param_groups": meta["optimiser"]["param_groups"]})
+    schedule.load_state_dict(meta["schedule"])
+    source.restore(meta["source"], {k[len("source.") :]: v for k, v in tensors.items() if k.startswith("source.")})
+    state.step, state.last = meta["step"], meta["last"]
+
+
+# --- training on a model ------------------------------------------------------------------------------------------
+def site_pairs(model, kind: str, pattern: str) -> list[tuple[str, str]]:
+    """(input site, output site) per layer for a site pattern: an SAE reads and writes its own site (e.g.
+    `layers.*.resid_post`); transcoders read `mlp.in` and write `mlp.out` of the layers `layers.N.mlp` matches."""
+    if kind == "sae":
+        return [(site, site) for site in model.resolve_sites(pattern)]
+    base = pattern.removesuffix(".in").removesuffix(".out")
+    if not base.endswith(".mlp"):
+        raise BadInputError(f"a {kind} reads an MLP: give --site layers.N.mlp (or 'layers.*.mlp'), not {pattern!r}")
+    return [(site, site.removesuffix(".in") + ".out") for site in model.resolve_sites(base + ".in")]
+
+
+def train_on_model(
+    model,
+    kind: str,
+    site: str,
+    width: int,
+    options: TrainOptions,
+    *,
+    activation: str = "topk",
+    k: int | None = 32,
+    cube=None,
+    corpus: str = "sample",
+    context_length: int = 128,
+    buffer_bytes: int = 512 * 2**20,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+) -> list[Dictionary]:
+    """Train dictionaries on a model's activations, from a cube or streamed from the model run on a corpus (all
+    layers from one forward pass). A `clt` is one dictionary over every matched layer; other kinds one per layer."""
+    import datetime
+
+    from modelrecon import __version__
+
+    pairs = site_pairs(model, kind, site)
+    inputs, outputs = [p[0] for p in pairs], [p[1] for p in pairs]
+    d_in, d_out = model.site_shape(inputs[0])[-1], model.site_shape(outputs[0])[-1]
+    provenance = {"model": model.name, "weights_sha256": model.weights_sha256(), "tokens": options.tokens,
+                  "data": f"cube {cube.path}" if cube is not None else f"corpus {corpus}", "seed": options.seed,
+                  "options": asdict(options), "context_length": context_length, "modelrecon": __version__,
+                  "date": datetime.date.today().isoformat()}  # fmt: skip
+    groups = [pairs] if kind == "clt" else [[p] for p in pairs]
+    configs = [DictionaryConfig(kind, d_in, d_out, width, activation, k, tuple(p[0] for p in g),
+                                tuple(p[1] for p in g), provenance=provenance).check() for g in groups]  # fmt: skip
+    layers = [int(s.split(".")[1]) for s in inputs]
+    if cube is not None:
+        from modelrecon.dictionaries.sources import CubeSource
+
+        kinds = [s.split(".", 2)[2] for s in (inputs[0], outputs[0])]
+        source = CubeSource(cube, *kinds, layers, options.batch_size, seed=options.seed)
+    else:
+        from modelrecon.corpus import read_texts, token_stream
+        from modelrecon.dictionaries.sources import StreamSource
+
+        def windows():
+            return token_stream(read_texts(corpus), model.tokenizer, context_length)
+
+        source = StreamSource(model, windows, inputs, outputs, options.batch_size, seed=options.seed,
+                              buffer_bytes=buffer_bytes)  # fmt: skip
+    return train(source, configs, options, checkpoint=checkpoint, progress=progress)

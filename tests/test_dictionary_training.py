@@ -1,0 +1,128 @@
+"""Training dictionaries: every architecture learns, the sources are seeded and resumable, the CLI trains and
+evaluates."""
+
+import json
+
+import pytest
+import torch
+
+from modelrecon.corpus import read_texts, token_stream
+from modelrecon.dictionaries import Dictionary, DictionaryConfig, TrainOptions, load_dictionaries, train
+from modelrecon.dictionaries.sources import StreamSource
+from modelrecon.dictionaries.train import dictionary_loss, site_pairs
+
+from conftest import assert_one_line_error, cli
+from tiny import tiny_model
+
+ARCHITECTURES = [
+    ("sae", "topk", "layers.1.resid_post"),
+    ("sae", "batchtopk", "layers.1.resid_post"),
+    ("sae", "jumprelu", "layers.1.resid_post"),
+    ("sae", "relu", "layers.1.resid_post"),
+    ("transcoder", "topk", "layers.1.mlp"),
+    ("skip-transcoder", "topk", "layers.1.mlp"),
+    ("clt", "topk", "layers.*.mlp"),
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def _source(model, pairs, batch_size=128, seed=0):
+    def windows():
+        return token_stream(read_texts("sample"), model.tokenizer, 64)
+
+    return StreamSource(model, windows, [p[0] for p in pairs], [p[1] for p in pairs], batch_size, seed=seed,
+                        buffer_bytes=2**20)  # fmt: skip
+
+
+def _configs(model, kind, activation, pairs):
+    groups = [pairs] if kind == "clt" else [[p] for p in pairs]
+    d_in, d_out = model.site_shape(pairs[0][0])[-1], model.site_shape(pairs[0][1])[-1]
+    return [DictionaryConfig(kind, d_in, d_out, 64, activation, 4, tuple(p[0] for p in g), tuple(p[1] for p in g))
+            for g in groups]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,activation,site", ARCHITECTURES)
+def test_every_architecture_trains_below_its_initial_loss(model, kind, activation, site):
+    pairs = site_pairs(model, kind, site)
+    configs = _configs(model, kind, activation, pairs)
+    options = TrainOptions(tokens=128 * 60, batch_size=128, lr=3e-3, l1=1e-3, l0=1e-3, seed=0)
+    held_out = next(_source(model, pairs, batch_size=512, seed=7))
+    initial = Dictionary(configs[0])
+    initial.initialise(*next(_source(model, pairs)), seed=0)  # what training starts from (same seed, same batch)
+    trained = train(_source(model, pairs), configs, options, progress=False)[0]
+    dead = torch.zeros(configs[0].n_layers, 64, dtype=torch.bool)
+    before = dictionary_loss(initial, *held_out, options, dead)[1]
+    after = dictionary_loss(trained, *held_out, options, dead)[1]
+    assert after["fvu"] < 0.8 * before["fvu"], (before, after)
+    if activation == "topk":
+        assert 3 <= after["l0"] <= 4  # at most k (fewer where under k pre-activations are positive)
+    if activation == "batchtopk":  # the inference threshold keeps about k active on average
+        with torch.no_grad():
+            l0 = (trained.encode(held_out[0]) > 0).sum(-1).float().mean()
+        assert 1 <= float(l0) <= 12
+
+
+def _run(model, steps, checkpoint, stop_after=None):
+    """Train a transcoder; with `stop_after`, the source dies after that many batches (a kill)."""
+    pairs = site_pairs(model, "transcoder", "layers.1.mlp")
+    source = _source(model, pairs)
+    if stop_after is not None:
+        inner, count = source, [0]
+
+        class Dying:
+            def __next__(self):
+                count[0] += 1
+                if count[0] > stop_after:
+                    raise KeyboardInterrupt
+                return next(inner)
+
+            def state(self):
+                return inner.state()
+
+            def restore(self, *args):
+                inner.restore(*args)
+
+        source = Dying()
+    options = TrainOptions(tokens=128 * steps, batch_size=128, lr=3e-3, seed=0, checkpoint_every=3)
+    return train(source, _configs(model, "transcoder", "topk", pairs), options, checkpoint=checkpoint, progress=False)
+
+
+def test_kill_and_resume_gives_the_uninterrupted_weights(model, tmp_path):
+    (straight,) = _run(model, 10, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, 10, tmp_path / "b", stop_after=7)  # checkpoints at steps 3 and 6, killed during step 8
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 6
+    (resumed,) = _run(model, 10, tmp_path / "b")
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    (other_seed,) = train(_source(model, site_pairs(model, "transcoder", "layers.1.mlp"), seed=1),
+                          _configs(model, "transcoder", "topk", site_pairs(model, "transcoder", "layers.1.mlp")),
+                          TrainOptions(tokens=1280, batch_size=128, lr=3e-3, seed=1), progress=False)  # fmt: skip
+    assert not torch.equal(other_seed.W_enc, straight.W_enc)
+
+
+def test_cli_trains_and_evaluates(capsys, tmp_path, tiny_llama_folder):
+    out = tmp_path / "tc"
+    code, stdout, _ = cli(capsys, "train", "--model", tiny_llama_folder, "--kind", "transcoder", "--site",
+                          "layers.*.mlp", "--width", "32", "--k", "4", "--tokens", "8192", "--batch-size", "256",
+                          "--lr", "0.003", "--context-length", "64", "--out", out)  # fmt: skip
+    assert code == 0 and "wrote 3 dictionaries" in stdout
+    dictionaries = load_dictionaries(out)
+    assert [d.config.input_sites for d in dictionaries] == [(f"layers.{i}.mlp.in",) for i in range(3)]
+    assert dictionaries[0].config.provenance["tokens"] == 8192
+    assert not (tmp_path / ".tc.checkpoint").exists()  # removed once the result is written
+    report = tmp_path / "eval.json"
+    code, stdout, _ = cli(capsys, "eval-dict", "--model", tiny_llama_folder, "--dict", out, "--tokens", "1024",
+                          "--context-length", "64", "--json", report, "--no-progress")  # fmt: skip
+    assert code == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["label"] for r in rows] == [f"{i}:0 layers.{i}.mlp.out" for i in range(3)] + ["all"]
+    assert all(0 < r["l0"] <= 4 and r["ce_spliced"] > 0 for r in rows[:3])  # learning itself is tested above
+    code, _, err = cli(capsys, "train", "--model", tiny_llama_folder, "--kind", "transcoder", "--site",
+                       "layers.0.resid_post", "--out", tmp_path / "bad")  # fmt: skip
+    assert_one_line_error(code, err, "reads an MLP")
+    assert not (tmp_path / "bad").exists()
