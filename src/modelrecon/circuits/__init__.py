@@ -1,0 +1,1 @@
+"""Circuit tracing: the replacement model, attribution graphs, pruning, feature interventions, graph files."""

@@ -1,0 +1,202 @@
+"""The replacement model, built on the unmodified Hugging Face model through hooks.
+
+On one prompt's clean run it freezes every attention pattern (through the attention-function interface) and every
+norm's scale, and replaces each MLP's output by its transcoder's output plus a frozen error term (the MLP's clean
+output minus the transcoder's prediction). The logits are the model's own, and every path from a feature's decoder
+write to a later feature's encoder or to a logit is linear: that is what makes the attribution graph's edges exact
+direct effects.
+
+Feature activations, error terms and token embeddings enter as leaf tensors (one row per backward target), so one
+backward pass gives every source's direct effect on a target: gradient . value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from modelrecon.dictionaries.model import Dictionary
+from modelrecon.errors import BadInputError
+from modelrecon.hooks.trace import hooked
+from modelrecon.models.model import Model
+from modelrecon.models.sites import site_name
+
+
+@dataclass
+class CleanRun:
+    """What the replacement model freezes and the graph's nodes are made of, for one prompt."""
+
+    ids: list[int]
+    embed: torch.Tensor  # [pos, d_model]: the input to layer 0
+    mlp_in: list[torch.Tensor]  # per layer [pos, d_model]
+    features: list[torch.Tensor]  # per layer [pos, width]: the transcoder's activations
+    errors: list[torch.Tensor]  # per layer [pos, d_model]: the MLP's output minus the transcoder's prediction
+    patterns: list[torch.Tensor]  # per layer [head, q, k]
+    logits: torch.Tensor  # [vocab] at the last position
+    norm_scales: list[torch.Tensor]  # per norm module (ReplacementModel._norms order) [pos, 1]: 1 / rms of its input
+
+
+def _one_layer(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
+    """Shape `[..., d]` into a one-layer dictionary's `[..., 1, d]` (never ambiguous, also for one position)."""
+    return x.unsqueeze(-2)
+
+
+def encode(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
+    return d.encode(_one_layer(d, x)).squeeze(-2)
+
+
+def decode(d: Dictionary, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return d.decode(_one_layer(d, f), _one_layer(d, x)).squeeze(-2)
+
+
+class ReplacementModel:
+    """A model and one transcoder per layer (`layers.L.mlp.in` -> `layers.L.mlp.out`, as trained by
+    `modelrecon train --kind transcoder|skip-transcoder --site 'layers.*.mlp'`)."""
+
+    def __init__(self, model: Model, transcoders: list[Dictionary]) -> None:
+        if model.adapter.mlp_out != model.adapter.mlp or not model.has_resid_mid:
+            raise BadInputError(
+                f"the replacement model needs an MLP whose output is what it adds to the residual stream; "
+                f"{model.adapter.family} models normalise it first or run it in parallel (use a component graph)"
+            )
+        by_layer = {}
+        for d in transcoders:
+            if d.config.kind not in ("transcoder", "skip-transcoder") or d.config.n_layers != 1:
+                raise BadInputError(f"a replacement model takes per-layer transcoders, not a {d.config.kind}")
+            layer = int(d.config.input_sites[0].split(".")[1])
+            if d.config.input_sites[0] != site_name("mlp.in", layer) or d.config.output_sites[0] != site_name(
+                "mlp.out", layer
+            ):
+                raise BadInputError(f"transcoder {d.config.input_sites[0]} -> {d.config.output_sites[0]} does not "
+                                    f"replace an MLP: train it with --site 'layers.*.mlp'")  # fmt: skip
+            by_layer[layer] = d.fold_normalisation() if (d.input_scale != 1).any() else d
+        missing = [layer for layer in range(model.n_layers) if layer not in by_layer]
+        if missing:
+            raise BadInputError(f"no transcoder for layer(s) {missing}; the replacement model needs one per layer")
+        self.model = model
+        self.transcoders = [by_layer[layer] for layer in range(model.n_layers)]
+        for d in self.transcoders:
+            d.requires_grad_(False)
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.n_layers
+
+    @torch.no_grad()
+    def clean(self, ids: list[int]) -> CleanRun:
+        from modelrecon.hooks.run import run
+
+        n = self.n_layers
+        sites = ["layers.0.resid_pre"] + [site_name(k, i) for i in range(n) for k in ("mlp.in", "mlp.out",
+                                                                                     "attn.pattern")]  # fmt: skip
+        scales: list[torch.Tensor] = []
+        with ExitStack() as stack:
+            for module in self._norms():
+                stack.enter_context(_frozen_scale(module, record=scales))
+            result = run(self.model, self.model.batch_from_ids([ids]), record=sites)
+        acts = {s: v[0] for s, v in result.acts.items()}
+        mlp_in = [acts[site_name("mlp.in", i)] for i in range(n)]
+        features = [encode(d, x) for d, x in zip(self.transcoders, mlp_in, strict=True)]
+        errors = [acts[site_name("mlp.out", i)] - decode(d, f, x)
+                  for i, (d, f, x) in enumerate(zip(self.transcoders, features, mlp_in, strict=True))]  # fmt: skip
+        patterns = [acts[site_name("attn.pattern", i)] for i in range(n)]
+        return CleanRun(ids, acts["layers.0.resid_pre"], mlp_in, features, errors, patterns, result.logits[0][-1],
+                        scales)  # fmt: skip
+
+    @contextmanager
+    def linearised(self, clean: CleanRun, rows: int, features: list[torch.Tensor] | None = None,
+                   live: bool = False) -> Iterator[dict]:  # fmt: skip
+        """Hooks for a forward pass of `rows` copies of the clean prompt through the replacement model.
+
+        Yields the leaves (`embed` [rows, pos, d], per layer `features` [rows, pos, width] and `errors` [rows, pos,
+        d], all requiring grad) and, once the forward has run, each layer's `mlp_in` as the pass computed it.
+        `features`: values to use instead of the clean activations (per layer `[rows, pos, width]`).
+        `live`: attention patterns and norms are not frozen and features downstream of a change are recomputed by
+        their encoders (total effects); otherwise everything is frozen (direct effects).
+        """
+        model, n = self.model, self.n_layers
+        batch = model.batch_from_ids([clean.ids] * rows)
+        values = features if features is not None else [f.expand(rows, -1, -1) for f in clean.features]
+        leaves = {
+            "embed": clean.embed.expand(rows, -1, -1).clone().requires_grad_(True),
+            "features": [f.clone().requires_grad_(True) for f in values],
+            "errors": [e.expand(rows, -1, -1).clone().requires_grad_(True) for e in clean.errors],
+            "mlp_in": [None] * n,
+        }
+        edit = {"layers.0.resid_pre": lambda value, ctx: leaves["embed"].to(value)}
+        if not live:
+            for layer in range(n):
+                pattern = clean.patterns[layer]
+                edit[site_name("attn.pattern", layer)] = lambda value, ctx, p=pattern: (
+                    p[None].expand_as(value).to(value)
+                )
+        with ExitStack() as stack:
+            if not live:
+                for module, scale in zip(self._norms(), clean.norm_scales, strict=True):
+                    stack.enter_context(_frozen_scale(module, scale))
+            for layer in range(n):
+                module = model.layer_module(layer, model.adapter.mlp)
+                stack.enter_context(_replaced_mlp(module, self.transcoders[layer], leaves, layer, live, clean))
+            stack.enter_context(hooked(model, batch, edit=edit))
+            yield leaves
+
+    def _norms(self) -> list[torch.nn.Module]:
+        model = self.model
+        norms = []  # in the order the forward pass runs them (the clean run records their scales in that order)
+        for layer in range(self.n_layers):
+            norms += [model.layer_module(layer, model.adapter.attn_norm),
+                      model.layer_module(layer, model.adapter.mlp_norm)]  # fmt: skip
+        return norms + [model.module(model.adapter.final_norm)]
+
+    def forward(self, clean: CleanRun, rows: int = 1, features=None, live: bool = False) -> torch.Tensor:
+        """Last-position logits `[rows, vocab]` of the replacement model (optionally with other feature values)."""
+        with torch.no_grad(), self.linearised(clean, rows, features, live):
+            return self.model.forward(self.model.batch_from_ids([clean.ids] * rows), last_only=True)[:, -1]
+
+
+@contextmanager
+def _frozen_scale(module: torch.nn.Module, scale: torch.Tensor | None = None, record: list | None = None):
+    """An RMS norm made linear: its scale 1/rms(x) fixed at `scale` (the clean run's, `[pos, 1]`). With `record`,
+    the norm runs as usual and its scale is appended there (how the clean run collects them)."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    weight = getattr(module, "weight", None)
+    if eps is None or weight is None or "RMSNorm" not in type(module).__name__:
+        raise BadInputError(f"freezing {type(module).__name__} is not supported; the replacement model needs RMS norms")
+    offset = 1.0 if "Gemma" in type(module).__name__ else 0.0  # Gemma's norms scale by 1 + weight
+
+    def hook(mod, args, output):
+        x = args[0]
+        if record is not None:
+            record.append(torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)[0].detach())
+            return None
+        return ((offset + weight.float()) * (x.float() * scale.to(x.device))).to(output.dtype)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _replaced_mlp(module, transcoder: Dictionary, leaves: dict, layer: int, live: bool, clean: CleanRun):
+    """The MLP's output replaced by decode(features) + its frozen error (skip path live)."""
+
+    def hook(mod, args, output):
+        x = args[0]
+        leaves["mlp_in"][layer] = x
+        f = leaves["features"][layer]
+        if live:  # features recomputed from this pass's input, except where a value was set
+            recomputed = encode(transcoder, x)
+            changed = f.detach() != clean.features[layer][None]
+            f = torch.where(changed, f, recomputed)
+        return decode(transcoder, f, x) + leaves["errors"][layer]
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,87 @@
+"""Circuit tracing: the replacement model reproduces the model, and every graph edge is the direct effect an
+intervention measures."""
+
+import pytest
+import torch
+
+from modelrecon.circuits.attribute import attribute
+from modelrecon.circuits.replacement import ReplacementModel
+from modelrecon.dictionaries import Dictionary, DictionaryConfig
+from modelrecon.errors import BadInputError
+
+from tiny import tiny_model
+
+PROMPT = "The cat sat on the mat"
+
+
+def _transcoders(model, kind="skip-transcoder", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for layer in range(model.n_layers):
+        sites = (f"layers.{layer}.mlp.in",), (f"layers.{layer}.mlp.out",)
+        d = Dictionary(DictionaryConfig(kind, model.d_model, model.d_model, 40, "topk", 5, *sites))
+        with torch.no_grad():
+            for p in d.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+        out.append(d)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model("llama")
+    rm = ReplacementModel(model, _transcoders(model))
+    return model, rm, rm.clean(model.encode(PROMPT))
+
+
+def test_replacement_model_reproduces_the_logits(setup):
+    model, rm, clean = setup
+    assert (rm.forward(clean, rows=2) - clean.logits).abs().max() < 1e-4  # frozen: patterns, norms, errors
+    assert (rm.forward(clean, live=True) - clean.logits).abs().max() < 1e-4  # nothing frozen but the errors
+
+
+def _pre_activation(rm, clean, node, features=None):
+    with torch.no_grad(), rm.linearised(clean, 1, features) as leaves:
+        logits = rm.model.forward(rm.model.batch_from_ids([clean.ids]), last_only=True)[0, -1]
+        if node.kind == "logit":
+            return float(logits[node.feature] - logits.mean())
+        return float(
+            leaves["mlp_in"][node.layer][0, node.position] @ rm.transcoders[node.layer].W_enc[0][:, node.feature]
+        )
+
+
+def test_edges_are_the_effects_of_doubling_a_feature_with_everything_downstream_frozen(setup):
+    model, rm, clean = setup
+    graph = attribute(model, PROMPT, rm.transcoders, max_feature_nodes=60, progress=False)
+    assert len({n.id for n in graph.nodes}) == graph.n_nodes  # ids never collide
+    checked = 0
+    for target in [*graph.logit_nodes()[:1], *[i for i, n in enumerate(graph.nodes) if n.kind == "feature"][-3:]]:
+        node = graph.nodes[target]
+        base = _pre_activation(rm, clean, node)
+        for source, weight in graph.inputs_of(target, top=4):
+            src = graph.nodes[source]
+            if src.kind != "feature":
+                continue
+            features = [f.clone()[None] for f in clean.features]
+            features[src.layer][0, src.position, src.feature] *= 2
+            assert _pre_activation(rm, clean, node, features) - base == pytest.approx(weight, abs=1e-3, rel=1e-4)
+            checked += 1
+    assert checked >= 3
+    # Every edge runs forward in the model: from an earlier layer (or position) to a later one.
+    for s, t in zip(graph.sources.tolist(), graph.targets.tolist(), strict=True):
+        a, b = graph.nodes[s], graph.nodes[t]
+        assert a.position <= b.position
+        if a.kind == "feature" and b.kind == "feature":
+            assert a.layer < b.layer
+
+
+def test_logit_targets_and_budget(setup):
+    model, rm, clean = setup
+    graph = attribute(model, PROMPT, rm.transcoders, max_feature_nodes=10, progress=False)
+    probabilities = [n.activation for n in graph.nodes if n.kind == "logit"]
+    assert sum(probabilities) >= 0.95 or len(probabilities) == 10
+    assert sum(n.kind == "feature" for n in graph.nodes) == 10
+    one = attribute(model, PROMPT, rm.transcoders, target="x", max_feature_nodes=5, progress=False)
+    assert [n.token for n in one.nodes if n.kind == "logit"] == ["x"]
+    with pytest.raises(BadInputError, match="one per layer"):
+        ReplacementModel(model, rm.transcoders[:1])
