@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from modelrecon.cli_common import ModelOption, load_model, stdout
 from modelrecon.errors import ModelreconError
 from modelrecon.models.embedded import DEFAULT_MODEL, EMBEDDED
 
@@ -22,15 +23,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-stdout = Console(soft_wrap=True)
-
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="embedded name, local folder, .gguf file or hub id")]
-
-
-def _load(name: str):
-    from modelrecon.models.loading import load
-
-    return load(name)
 
 
 @app.command()
@@ -47,7 +39,7 @@ def models() -> None:
 @app.command()
 def sites(model: ModelOption = DEFAULT_MODEL, pattern: Annotated[str, typer.Argument()] = "*") -> None:
     """List a model's sites (optionally matching a glob pattern) with their shapes."""
-    loaded = _load(model)
+    loaded = load_model(model)
     table = Table("site", "shape", "what it is")
     for info in loaded.sites():
         if info.name in loaded.resolve_sites(pattern):
@@ -66,7 +58,7 @@ def run(
     from modelrecon.models.model import check_prompt
 
     check_prompt(prompt)  # before the model loads: a bad prompt should fail fast
-    loaded = _load(model)
+    loaded = load_model(model)
     result = run_prompts(loaded, prompt)
     table = Table("rank", "token", "probability", title=f"{loaded.name}: next token after {prompt!r}")
     for rank, (token, prob) in enumerate(result.top_next_tokens(min(top, loaded.vocab_size)), start=1):
@@ -102,7 +94,7 @@ def capture(
     if (text is None) == (prompts is None):
         raise BadInputError("give either --text TEXT (repeatable) or --prompts FILE")
     prompt_list = list(text) if text else read_prompts(prompts)
-    loaded = _load(model)
+    loaded = load_model(model)
     try:
         cube = capture_cube(
             loaded,
@@ -282,7 +274,7 @@ def patch(
     if path_to and sweep not in ("heads", "mlp"):
         raise BadInputError(f"--path-to needs --sweep heads or --sweep mlp (the senders), not --sweep {sweep}")
     pair_list = _pair_list(pairs, clean, corrupt, answer, wrong)
-    loaded = _load(model)
+    loaded = load_model(model)
     options = dict(direction=direction, metric=metric, batch_size=batch_size, seed=seed, progress=True)
     if path_to:
         result = path_patch(loaded, pair_list, list(path_to), senders=sweep, **options)
@@ -331,7 +323,7 @@ def experiment(
         raise BadInputError(f"components file {components} does not exist; give a JSON file of named interventions")
     parsed = components_from_json(components.read_text(encoding="utf-8"))
     pair_list = read_pairs(pairs)
-    loaded = _load(model)
+    loaded = load_model(model)
     result = run_experiment(
         loaded, pair_list, parsed, metric=metric, base=base, batch_size=batch_size, seed=seed, progress=True
     )
@@ -370,7 +362,7 @@ def lens(
     from modelrecon.models.model import check_prompt
 
     check_prompt(prompt)
-    loaded = _load(model)
+    loaded = load_model(model)
     result = logit_lens(loaded, prompt, k=top, target=target)
     columns = ["layer", "top at last position", "p"] + (["target p", "target rank"] if target else [])
     table = Table(*columns, title=f"{loaded.name}: logit lens on {prompt!r}")
@@ -425,13 +417,13 @@ def attribute(
     if method in PROMPT_METHODS:
         if prompt is None or answer is None:
             raise BadInputError(f"--method {method} needs a PROMPT argument and --answer (and optionally --wrong)")
-        loaded = _load(model)
+        loaded = load_model(model)
         text = _prompt_attribution(loaded, method, prompt, answer, wrong, site, baseline, steps, neurons)
     else:
         if prompt is not None:
             raise BadInputError(f"--method {method} works on pairs: give --pairs or --clean/--corrupt/--answer/--wrong")
         pair_list = _pair_list(pairs, clean, corrupt, answer, wrong)
-        loaded = _load(model)
+        loaded = load_model(model)
         text = _pair_attribution(loaded, method, pair_list, sweep, direction, steps, level)
     stdout.print(f"wrote {write_text_atomic(json_out, text)}", markup=False)
 
@@ -512,7 +504,7 @@ def verify(
     if method not in METHODS:
         raise BadInputError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
     pair_list = _pair_list(pairs, clean, corrupt, answer, wrong)
-    loaded = _load(model)
+    loaded = load_model(model)
     estimate = attribution_patching(
         loaded, pair_list, sweep, method=method, direction=direction, steps=steps, progress=True
     )
@@ -575,7 +567,7 @@ def train_command(
         raise BadInputError("give --cube or --corpus, not both")
     options = TrainOptions(tokens=tokens, batch_size=batch_size, lr=lr, l1=l1, l0=l0, seed=seed,
                            checkpoint_every=checkpoint_every)  # fmt: skip
-    loaded = _load(model)
+    loaded = load_model(model)
     cube_obj = None
     if cube is not None:
         from modelrecon.cube.reader import Cube
@@ -596,10 +588,74 @@ def transcoders_command(model: ModelOption = DEFAULT_MODEL) -> None:
     """Build (once; about ten minutes on two cores) or locate the embedded model's default transcoders."""
     from modelrecon.dictionaries.defaults import default_transcoders, default_transcoders_folder
 
-    loaded = _load(model)
+    loaded = load_model(model)
     dictionaries = default_transcoders(loaded)
     stdout.print(f"{len(dictionaries)} default transcoders of {loaded.name}: {default_transcoders_folder(loaded)}",
                  markup=False)  # fmt: skip
+
+
+@app.command()
+def trace(
+    prompt: Annotated[str, typer.Argument(help="the prompt to trace")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the folder to write graph.json into")],
+    model: ModelOption = DEFAULT_MODEL,
+    transcoders: Annotated[str, typer.Option(help="a transcoder folder (modelrecon or circuit-tracer), or default")] = (
+        "default"
+    ),
+    target: Annotated[str | None, typer.Option(help="one target token (default: the top logits to 95%)")] = None,
+    max_features: Annotated[int, typer.Option("--max-features", min=1, help="feature rows to compute")] = 1000,
+    check_features: Annotated[int, typer.Option(min=1, help="features ablated by the causal check")] = 10,
+    batch_size: Annotated[int, typer.Option(min=1, help="targets per backward pass")] = 32,
+) -> None:
+    """Attribution graph of PROMPT: input tokens -> transcoder features -> output, pruned, with its strongest paths
+    and a causal check (the graph's top features ablated against as many random ones)."""
+    from modelrecon.circuits.attribute import attribute
+    from modelrecon.circuits.check import causal_check, strongest_paths
+    from modelrecon.circuits.graph_file import save_graph
+    from modelrecon.circuits.prune import prune_graph
+    from modelrecon.circuits.replacement import ReplacementModel
+
+    loaded = load_model(model)
+    dictionaries = _transcoder_set(loaded, transcoders)
+    graph = attribute(loaded, prompt, dictionaries, target=target, max_feature_nodes=max_features,
+                      batch_size=batch_size)  # fmt: skip
+    rm = ReplacementModel(loaded, dictionaries)
+    check = causal_check(rm, rm.clean(graph.token_ids), graph, n_features=check_features)
+    pruned = prune_graph(graph)
+    pruned.metadata["causal_check"] = check.to_dict()
+    path = save_graph(pruned, out / "graph.json")
+    stdout.print(f"{graph.n_nodes} nodes, {len(graph.weights)} edges -> pruned to {pruned.n_nodes} nodes, "
+                 f"{len(pruned.weights)} edges in {graph.metadata['seconds']:.1f} s", markup=False)  # fmt: skip
+    for i, p in enumerate(strongest_paths(graph), 1):
+        steps = " -> ".join(f"{_node_label(graph.nodes[n])} ({w:+.2f})" for n, w in p)
+        stdout.print(f"path {i}: {steps} -> logit {graph.nodes[graph.logit_nodes()[0]].token!r}", markup=False)
+    stdout.print(
+        f"causal check: ablating the graph's top {check.n_features} features changes the {check.target!r} logit by "
+        f"{check.top_change:+.3f}; {check.n_features} random active features: {check.random_mean:+.3f} "
+        f"(mean of {len(check.random_changes)} draws)",
+        markup=False,
+    )
+    stdout.print(f"wrote {path}", markup=False)
+
+
+def _transcoder_set(loaded, transcoders: str) -> list:
+    from modelrecon.dictionaries.defaults import default_transcoders
+    from modelrecon.dictionaries.formats import import_circuit_tracer, load_dictionaries
+
+    if transcoders == "default":
+        return default_transcoders(loaded)
+    folder = Path(transcoders)
+    if (folder / "config.yaml").exists():
+        return import_circuit_tracer(folder)
+    return load_dictionaries(folder)
+
+
+def _node_label(node) -> str:
+    if node.kind == "feature":
+        return f"L{node.layer}/F{node.feature}@{node.token!r}"
+    if node.kind == "error":
+        return f"error L{node.layer}@{node.token!r}"
+    return repr(node.token)
 
 
 groundtruth_app = typer.Typer(

@@ -9,17 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from modelrecon.cli_common import ModelOption, load_model, stdout
 from modelrecon.models.embedded import DEFAULT_MODEL
-
-stdout = Console(soft_wrap=True)
-
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="embedded name, local folder, .gguf file or hub id")]
-
-
-def _load(name: str):
-    from modelrecon.models.loading import load
-
-    return load(name)
 
 
 def _load_dictionaries(folders: list[Path]) -> list:
@@ -65,7 +56,7 @@ def eval_dict(
         raise BadInputError(f"unknown --splice {splice!r}; use one of {', '.join(SPLICES)}")
     texts = read_texts(corpus)  # before the model loads: a bad corpus path should fail fast
     dictionaries = _load_dictionaries(dictionary)
-    loaded = _load(model)
+    loaded = load_model(model)
     report = evaluate(
         loaded,
         dictionaries,

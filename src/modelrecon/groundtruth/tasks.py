@@ -231,6 +231,31 @@ MLP_OR = Task(
 )
 
 
+def _attention_layers(norm: torch.Tensor, proj: dict[str, torch.Tensor], o: torch.Tensor) -> dict:
+    """The per-layer weights of hand-set attention layers: both norms, q/k/v (`proj[name][layer]`) and o."""
+    weights = {}
+    for layer in range(len(o)):
+        prefix = f"model.layers.{layer}."
+        weights[prefix + "input_layernorm.weight"] = norm
+        weights[prefix + "post_attention_layernorm.weight"] = norm
+        for name in ("q", "k", "v"):
+            weights[prefix + f"self_attn.{name}_proj.weight"] = proj[name][layer]
+        weights[prefix + "self_attn.o_proj.weight"] = o[layer]
+    return weights
+
+
+def _clamp_mlp(layer: int, d: int, units: int, read: int, write: int, anchor: int) -> dict:
+    """A gated ReLU MLP writing min(x_k, 1) = relu(x_k) - relu(x_k - 1) from dimension read + k into write + k."""
+    gate, up, down = torch.zeros(2 * units, d), torch.zeros(2 * units, d), torch.zeros(d, 2 * units)
+    for k in range(units):
+        gate[2 * k, read + k] = 1.0
+        gate[2 * k + 1, [read + k, anchor]] = torch.tensor([1.0, -1.0])
+        down[write + k, 2 * k], down[write + k, 2 * k + 1] = 1.0, -1.0
+    up[:, anchor] = 1.0
+    prefix = f"model.layers.{layer}.mlp."
+    return {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up, prefix + "down_proj.weight": down}
+
+
 # --- induction: a previous-token head composing with an induction head, plus inert distractor heads -----------------
 LETTERS = list("ABCDEFGH")
 # Residual dimensions: the anchor, the token (T), the previous token (P, written by layer 0), the output (O, written
@@ -297,23 +322,10 @@ def _induction_weights(backup: bool = False):
                   tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=32, pad_token_id=0,
                   rope_theta=ROPE_THETA)  # fmt: skip
     norm = _anchored_norm_weight(d, I_ANCHOR)
-    weights = {"model.embed_tokens.weight": embed, "model.norm.weight": norm, "lm_head.weight": unembed}
-    for layer in (0, 1):
-        prefix = f"model.layers.{layer}."
-        weights[prefix + "input_layernorm.weight"] = norm
-        weights[prefix + "post_attention_layernorm.weight"] = norm
-        for name in ("q", "k", "v"):
-            weights[prefix + f"self_attn.{name}_proj.weight"] = proj[name][layer]
-        weights[prefix + "self_attn.o_proj.weight"] = o[layer]
-    if backup:  # layer 1's MLP: O_k += relu(x_k) - relu(x_k - 1) = min(x_k, 1) for the pre-gate x
-        gate, up, down = torch.zeros(n_mlp, d), torch.zeros(n_mlp, d), torch.zeros(d, n_mlp)
-        for k in range(n_tokens):
-            gate[2 * k, pre_gate + k] = 1.0
-            gate[2 * k + 1, [pre_gate + k, I_ANCHOR]] = torch.tensor([1.0, -1.0])
-            down[I_O + k, 2 * k], down[I_O + k, 2 * k + 1] = 1.0, -1.0
-        up[:, I_ANCHOR] = 1.0
-        weights |= {"model.layers.1.mlp.gate_proj.weight": gate, "model.layers.1.mlp.up_proj.weight": up,
-                    "model.layers.1.mlp.down_proj.weight": down}  # fmt: skip
+    weights = {"model.embed_tokens.weight": embed, "model.norm.weight": norm, "lm_head.weight": unembed,
+               **_attention_layers(norm, proj, o)}  # fmt: skip
+    if backup:  # layer 1's MLP: O_k += min(x_k, 1) for the pre-gate x
+        weights |= _clamp_mlp(1, d, n_tokens, pre_gate, I_O, I_ANCHOR)
     return "llama", config, weights, words
 
 
@@ -412,12 +424,6 @@ def _ioi_weights():
         for k, slot in enumerate(IOI_SLOTS[1:]):
             q[slot, N_C + k], k_[slot, N_T + k] = -2000.0, 1.0
     n_mlp = 2 * n_names
-    gate, up, down = torch.zeros(n_mlp, d), torch.zeros(n_mlp, d), torch.zeros(d, n_mlp)
-    for k in range(n_names):  # O_k += relu(G_k) - relu(G_k - 1) = min(G_k, 1)
-        gate[2 * k, N_G + k] = 1.0
-        gate[2 * k + 1, [N_G + k, N_ANCHOR]] = torch.tensor([1.0, -1.0])
-        down[N_O + k, 2 * k], down[N_O + k, 2 * k + 1] = 1.0, -1.0
-    up[:, N_ANCHOR] = 1.0
     unembed = torch.zeros(len(words) + 2, d)
     for k, name in enumerate(NAMES):
         unembed[vocab[name], N_O + k] = 10.0
@@ -427,15 +433,7 @@ def _ioi_weights():
                   rope_theta=1e30)  # fmt: skip
     norm = _anchored_norm_weight(d, N_ANCHOR)
     weights = {"model.embed_tokens.weight": embed, "model.norm.weight": norm, "lm_head.weight": unembed,
-               "model.layers.1.mlp.gate_proj.weight": gate, "model.layers.1.mlp.up_proj.weight": up,
-               "model.layers.1.mlp.down_proj.weight": down}  # fmt: skip
-    for layer in (0, 1):
-        prefix = f"model.layers.{layer}."
-        weights[prefix + "input_layernorm.weight"] = norm
-        weights[prefix + "post_attention_layernorm.weight"] = norm
-        for name in ("q", "k", "v"):
-            weights[prefix + f"self_attn.{name}_proj.weight"] = proj[name][layer]
-        weights[prefix + "self_attn.o_proj.weight"] = o[layer]
+               **_attention_layers(norm, proj, o), **_clamp_mlp(1, d, n_names, N_G, N_O, N_ANCHOR)}  # fmt: skip
     return "llama", config, weights, words
 
 
