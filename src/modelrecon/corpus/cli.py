@@ -8,16 +8,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from modelrecon.cli_common import stdout
 from modelrecon.corpus.sources import DEFAULT_SOURCES
 
 corpus_app = typer.Typer(
     help="Build and inspect the offline text corpus for training dictionaries.",
     no_args_is_help=True,
 )
-stdout = Console(soft_wrap=True)
 
 
 @corpus_app.command("build")
