@@ -9,6 +9,7 @@ from modelrecon.circuits.replacement import ReplacementModel
 from modelrecon.dictionaries import Dictionary, DictionaryConfig
 from modelrecon.errors import BadInputError
 
+from conftest import assert_one_line_error, cli
 from tiny import tiny_model
 
 PROMPT = "The cat sat on the mat"
@@ -85,3 +86,20 @@ def test_logit_targets_and_budget(setup):
     assert [n.token for n in one.nodes if n.kind == "logit"] == ["x"]
     with pytest.raises(BadInputError, match="one per layer"):
         ReplacementModel(model, rm.transcoders[:1])
+
+
+def test_trace_command_writes_a_pruned_graph_and_checks_it(capsys, tmp_path, tiny_llama_folder):
+    from modelrecon import load
+    from modelrecon.circuits.graph_file import load_graph
+    from modelrecon.dictionaries import save_dictionaries
+
+    model = load(str(tiny_llama_folder))
+    save_dictionaries(_transcoders(model), tmp_path / "tc")
+    code, stdout, _ = cli(capsys, "trace", PROMPT, "--model", tiny_llama_folder, "--transcoders", tmp_path / "tc",
+                          "--out", tmp_path / "graph", "--max-features", "40")  # fmt: skip
+    assert code == 0 and "path 1:" in stdout and "causal check" in stdout
+    graph = load_graph(tmp_path / "graph" / "graph.json")
+    assert graph.metadata["causal_check"]["n_features"] == 10
+    assert 0 < sum(n.kind == "feature" for n in graph.nodes) <= 40 and graph.logit_nodes()
+    code, _, err = cli(capsys, "trace", PROMPT, "--model", tiny_llama_folder, "--out", tmp_path / "x")
+    assert_one_line_error(code, err, "no default transcoders")

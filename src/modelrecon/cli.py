@@ -623,6 +623,7 @@ def trace(
     check = causal_check(rm, rm.clean(graph.token_ids), graph, n_features=check_features)
     pruned = prune_graph(graph)
     pruned.metadata["causal_check"] = check.to_dict()
+    out.mkdir(parents=True, exist_ok=True)
     path = save_graph(pruned, out / "graph.json")
     stdout.print(f"{graph.n_nodes} nodes, {len(graph.weights)} edges -> pruned to {pruned.n_nodes} nodes, "
                  f"{len(pruned.weights)} edges in {graph.metadata['seconds']:.1f} s", markup=False)  # fmt: skip

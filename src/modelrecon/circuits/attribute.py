@@ -135,6 +135,7 @@ def attribute(
     graph.metadata |= {
         "targets": [{"token": model.tokenizer.decode([t]), "token_id": t, "probability": p} for t, p in logits],
         "active_features": len(active),
+        "n_layers": model.n_layers,
         "max_feature_nodes": max_feature_nodes,
         "transcoders": [d.config.provenance for d in rm.transcoders[:1]],
         "seconds": time.perf_counter() - start,
