@@ -104,3 +104,44 @@ def test_smollm2_attribution_on_the_demo_prompt(smollm2):
     ig = integrated_gradients(smollm2, prompt, "embed", " Paris", " Rome", baseline="The capital of Italy is", steps=16)
     assert ig.completeness["relative_error"] < 0.01  # measured 0.033% (docs/attribution.md)
     assert int(ig.per_position.abs().argmax()) == 3  # all of it on " France", the only token that differs
+
+
+def test_smollm2_replacement_model_and_graph_edges(smollm2):
+    """On the real model: the replacement model reproduces the logits, and doubling a feature (everything downstream
+    frozen) moves its graph targets by the edge weights. Random skip transcoders are enough for both."""
+    from modelrecon.circuits.attribute import attribute
+    from modelrecon.circuits.replacement import ReplacementModel
+    from modelrecon.dictionaries import Dictionary, DictionaryConfig
+
+    generator = torch.Generator().manual_seed(0)
+    transcoders = []
+    for layer in range(smollm2.n_layers):
+        sites = (f"layers.{layer}.mlp.in",), (f"layers.{layer}.mlp.out",)
+        d = Dictionary(DictionaryConfig("skip-transcoder", 576, 576, 64, "topk", 4, *sites))
+        with torch.no_grad():
+            for p in d.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+        transcoders.append(d)
+    prompt = "The capital of France is"
+    rm = ReplacementModel(smollm2, transcoders)
+    clean = rm.clean(smollm2.encode(prompt))
+    assert (rm.forward(clean) - clean.logits).abs().max() < 1e-4
+    graph = attribute(smollm2, prompt, transcoders, max_feature_nodes=24, progress=False)
+    logit = graph.logit_nodes()[0]
+    node = graph.nodes[logit]
+
+    def target_value(features=None):
+        with torch.no_grad(), rm.linearised(clean, 1, features):
+            logits = smollm2.forward(smollm2.batch_from_ids([clean.ids]), last_only=True)[0, -1]
+        return float(logits[node.feature] - logits.mean())
+
+    base = target_value()
+    checked = 0
+    for source, weight in graph.inputs_of(logit, top=graph.n_nodes):
+        src = graph.nodes[source]
+        if src.kind == "feature" and checked < 3:
+            features = [f.clone()[None] for f in clean.features]
+            features[src.layer][0, src.position, src.feature] *= 2
+            assert target_value(features) - base == pytest.approx(weight, abs=1e-3)
+            checked += 1
+    assert checked >= 2
