@@ -103,3 +103,29 @@ def test_trace_command_writes_a_pruned_graph_and_checks_it(capsys, tmp_path, tin
     assert 0 < sum(n.kind == "feature" for n in graph.nodes) <= 40 and graph.logit_nodes()
     code, _, err = cli(capsys, "trace", PROMPT, "--model", tiny_llama_folder, "--out", tmp_path / "x")
     assert_one_line_error(code, err, "no default transcoders")
+
+
+def test_feature_interventions_direct_and_total(setup):
+    from modelrecon.circuits.replacement import FeatureChange, generate_with_features, intervene
+
+    model, rm, clean = setup
+    graph = attribute(model, PROMPT, rm.transcoders, max_feature_nodes=60, progress=False)
+    logit = graph.logit_nodes()[0]
+    token = graph.nodes[logit].feature
+    source, weight = next(
+        (s, w) for s, w in graph.inputs_of(logit, top=graph.n_nodes) if graph.nodes[s].kind == "feature"
+    )
+    node = graph.nodes[source]
+    ablate = [FeatureChange(node.layer, node.position, node.feature, value=0.0)]
+    direct = intervene(rm, clean, ablate, direct=True)
+    before = clean.logits[token] - clean.logits.mean()
+    assert float(direct[token] - direct.mean() - before) == pytest.approx(-weight, abs=1e-3)  # the edge, exactly
+    doubled = intervene(rm, clean, [FeatureChange(node.layer, node.position, node.feature, scale=2.0)], direct=True)
+    assert float(doubled[token] - doubled.mean() - before) == pytest.approx(weight, abs=1e-3)
+    total = intervene(rm, clean, ablate)  # downstream features respond: not the edge in general
+    assert torch.isfinite(total).all() and not torch.allclose(total, clean.logits)
+    assert torch.allclose(intervene(rm, clean, []), clean.logits, atol=1e-4)
+    text = generate_with_features(rm, clean.ids, ablate, max_new_tokens=3)
+    assert len(text) == 3
+    with pytest.raises(BadInputError, match="exactly one"):
+        intervene(rm, clean, [FeatureChange(0, 1, 0)])

@@ -200,3 +200,44 @@ def _replaced_mlp(module, transcoder: Dictionary, leaves: dict, layer: int, live
         yield
     finally:
         handle.remove()
+
+
+# --- feature interventions ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureChange:
+    """Set a feature's activation (`value`; 0 ablates it) or scale it (`scale`) at one position."""
+
+    layer: int
+    position: int
+    feature: int
+    value: float | None = None
+    scale: float | None = None
+
+    def apply(self, current: float) -> float:
+        if (self.value is None) == (self.scale is None):
+            raise BadInputError("a feature change sets a value or a scale (exactly one of them)")
+        return self.value if self.value is not None else current * self.scale
+
+
+def intervene(rm: ReplacementModel, clean: CleanRun, changes: list[FeatureChange], direct: bool = False):
+    """Last-position logits `[vocab]` with features changed. `direct`: attention patterns, norm scales and every
+    other feature stay at their clean values (direct effects, what the graph's edges are); otherwise the model runs
+    live and later features are recomputed by their encoders (total effects)."""
+    features = [f.clone()[None] for f in clean.features]
+    for change in changes:
+        if not (0 <= change.layer < rm.n_layers and 0 <= change.position < len(clean.ids)):
+            raise BadInputError(f"no layer {change.layer} / position {change.position} in this model and prompt")
+        row = features[change.layer][0, change.position]
+        row[change.feature] = change.apply(float(row[change.feature]))
+    return rm.forward(clean, features=features, live=not direct)[0]
+
+
+def generate_with_features(rm: ReplacementModel, ids: list[int], changes: list[FeatureChange],
+                           max_new_tokens: int = 8) -> list[int]:  # fmt: skip
+    """Greedy continuation with the changes held at their prompt positions (total effects): each step re-runs the
+    grown sequence, its own clean run giving the error terms of the new positions."""
+    out = list(ids)
+    for _ in range(max_new_tokens):
+        logits = intervene(rm, rm.clean(out), changes)
+        out.append(int(logits.argmax()))
+    return out[len(ids) :]
