@@ -84,6 +84,15 @@ def test_logit_targets_and_budget(setup):
     assert sum(n.kind == "feature" for n in graph.nodes) == 10
     one = attribute(model, PROMPT, rm.transcoders, target="x", max_feature_nodes=5, progress=False)
     assert [n.token for n in one.nodes if n.kind == "logit"] == ["x"]
+    diff = attribute(model, PROMPT, rm.transcoders, target="x", wrong="q", max_feature_nodes=5, progress=False)
+    logit = diff.logit_nodes()[0]
+    source, weight = next((s, w) for s, w in diff.inputs_of(logit, top=diff.n_nodes) if diff.nodes[s].kind == "feature")
+    node = diff.nodes[source]
+    features = [f.clone()[None] for f in clean.features]
+    features[node.layer][0, node.position, node.feature] *= 2
+    x, q = model.encode("x")[-1], model.encode("q")[-1]
+    changed = rm.forward(clean, features=features)[0]
+    assert float((changed[x] - changed[q]) - (clean.logits[x] - clean.logits[q])) == pytest.approx(weight, abs=1e-3)
     with pytest.raises(BadInputError, match="one per layer"):
         ReplacementModel(model, rm.transcoders[:1])
 

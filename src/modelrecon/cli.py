@@ -603,6 +603,7 @@ def trace(
         "default"
     ),
     target: Annotated[str | None, typer.Option(help="one target token (default: the top logits to 95%)")] = None,
+    wrong: Annotated[str | None, typer.Option(help="with --target: trace logit(target) - logit(wrong)")] = None,
     max_features: Annotated[int, typer.Option("--max-features", min=1, help="feature rows to compute")] = 1000,
     check_features: Annotated[int, typer.Option(min=1, help="features ablated by the causal check")] = 10,
     batch_size: Annotated[int, typer.Option(min=1, help="targets per backward pass")] = 32,
@@ -617,7 +618,7 @@ def trace(
 
     loaded = load_model(model)
     dictionaries = _transcoder_set(loaded, transcoders)
-    graph = attribute(loaded, prompt, dictionaries, target=target, max_feature_nodes=max_features,
+    graph = attribute(loaded, prompt, dictionaries, target=target, wrong=wrong, max_feature_nodes=max_features,
                       batch_size=batch_size)  # fmt: skip
     rm = ReplacementModel(loaded, dictionaries)
     check = causal_check(rm, rm.clean(graph.token_ids), graph, n_features=check_features)

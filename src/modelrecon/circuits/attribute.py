@@ -27,9 +27,17 @@ class Target:
 
     kind: str  # "logit" | "feature"
     token: int | None = None
+    wrong: int | None = None  # a logit-difference target: logit(token) - logit(wrong)
     layer: int | None = None
     position: int | None = None
     feature: int | None = None
+
+
+def single_token(model: Model, text: str) -> int:
+    ids = [i for i in model.encode(text) if i not in _special(model)]
+    if len(ids) != 1:
+        raise BadInputError(f"target {text!r} is {len(ids)} tokens; give one token (with its leading space)")
+    return ids[0]
 
 
 def logit_targets(model: Model, clean: CleanRun, target: str | None, max_logits: int, cumulative: float) -> list:
@@ -37,10 +45,7 @@ def logit_targets(model: Model, clean: CleanRun, target: str | None, max_logits:
     probabilities add up to `cumulative` (at most `max_logits`)."""
     probs = torch.softmax(clean.logits.double(), -1)
     if target is not None:
-        ids = model.encode(target)
-        token = ids[-1]
-        if len([i for i in ids if i not in _special(model)]) != 1:
-            raise BadInputError(f"target {target!r} is {len(ids)} tokens; give one token (with its leading space)")
+        token = single_token(model, target)
         return [(token, float(probs[token]))]
     order = probs.argsort(descending=True)[:max_logits]
     chosen, total = [], 0.0
@@ -58,7 +63,8 @@ def _special(model: Model) -> set[int]:
 
 def _scalar(target: Target, logits: torch.Tensor, mlp_in: list[torch.Tensor], rm: ReplacementModel, row: int):
     if target.kind == "logit":
-        return logits[row, target.token] - logits[row].mean()
+        baseline = logits[row].mean() if target.wrong is None else logits[row, target.wrong]
+        return logits[row, target.token] - baseline
     encoder = rm.transcoders[target.layer].W_enc[0][:, target.feature]
     return mlp_in[target.layer][row, target.position] @ encoder
 
@@ -99,23 +105,28 @@ def attribute(
     transcoders: list,
     *,
     target: str | None = None,
+    wrong: str | None = None,
     max_logits: int = 10,
     cumulative: float = 0.95,
     max_feature_nodes: int = 1000,
     batch_size: int = 32,
     progress: bool = True,
 ) -> Graph:
-    """The attribution graph of `prompt` (see the module docstring)."""
+    """The attribution graph of `prompt` (see the module docstring). `target`: one target token instead of the top
+    logits; with `wrong` too, the target is the logit difference logit(target) - logit(wrong)."""
+    if wrong is not None and target is None:
+        raise BadInputError("a logit-difference target needs --target as well as --wrong")
     start = time.perf_counter()
     rm = ReplacementModel(model, transcoders)
     ids = model.encode(prompt)
     clean = rm.clean(ids)
     logits = logit_targets(model, clean, target, max_logits, cumulative)
+    wrong_id = None if wrong is None else single_token(model, wrong)
     active = [(layer, p, f) for layer, acts in enumerate(clean.features)
               for p, f in (acts[1:] > 0).nonzero().tolist() for p in [p + 1]]  # fmt: skip
     rows: dict[tuple, dict] = {}  # target key -> its direct inputs
     logit_keys = [("logit", token) for token, _ in logits]
-    for chunk in _chunks([Target("logit", token=t) for t, _ in logits], batch_size):
+    for chunk in _chunks([Target("logit", token=t, wrong=wrong_id) for t, _ in logits], batch_size):
         for t, inputs in zip(chunk, direct_effects(rm, clean, chunk), strict=True):
             rows[("logit", t.token)] = inputs
     budget = min(max_feature_nodes, len(active))
@@ -132,8 +143,14 @@ def attribute(
                 rows[("feature", t.layer, t.position, t.feature)] = inputs
             advance(len(chunk))
     graph = _assemble(model, prompt, ids, clean, rows, logits)
+    if wrong is not None:  # the logit node stands for the difference
+        i = graph.logit_nodes()[0]
+        node = graph.nodes[i]
+        graph.nodes[i] = Node(node.kind, node.position, feature=node.feature, activation=node.activation,
+                              token=f"{node.token} - {model.tokenizer.decode([wrong_id])}")  # fmt: skip
     graph.metadata |= {
         "targets": [{"token": model.tokenizer.decode([t]), "token_id": t, "probability": p} for t, p in logits],
+        "logit_difference_against": None if wrong is None else {"token": wrong, "token_id": wrong_id},
         "active_features": len(active),
         "n_layers": model.n_layers,
         "max_feature_nodes": max_feature_nodes,
