@@ -10,6 +10,7 @@ to the features that matter. Only edges between kept nodes are stored, as edge l
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -69,34 +70,50 @@ def _scalar(target: Target, logits: torch.Tensor, mlp_in: list[torch.Tensor], rm
     return mlp_in[target.layer][row, target.position] @ encoder
 
 
-def direct_effects(rm: ReplacementModel, clean: CleanRun, targets: list[Target]) -> list[dict]:
-    """For each target, its direct inputs: {("feature", layer, pos, f) | ("error", layer, pos) | ("embedding", pos):
-    weight}, from one batched backward pass (sources at position 0, a BOS or attention sink, are held constant)."""
-    rows = len(targets)
-    with torch.enable_grad(), rm.linearised(clean, rows) as leaves:
+class BackwardRows:
+    """One forward pass of `rows` copies of the prompt through the replacement model, kept for every batch of targets:
+    the linearised model does not depend on the targets, so each batch costs one backward pass only."""
+
+    def __init__(self, rm: ReplacementModel, clean: CleanRun, rows: int) -> None:
+        self.rm, self.clean, self.rows = rm, clean, rows
+        self._stack = ExitStack()
+        self._stack.enter_context(torch.enable_grad())
+        self.leaves = self._stack.enter_context(rm.linearised(clean, rows))
         batch = rm.model.batch_from_ids([clean.ids] * rows)
-        logits = rm.model.forward(batch, last_only=True)[:, -1]
-        total = sum(_scalar(t, logits, leaves["mlp_in"], rm, r) for r, t in enumerate(targets))
-        inputs = [leaves["embed"], *leaves["features"], *leaves["errors"]]
-        grads = torch.autograd.grad(total, inputs, allow_unused=True)
-    n = rm.n_layers
-    g_embed, g_features, g_errors = grads[0], grads[1 : 1 + n], grads[1 + n :]
-    out: list[dict] = [{} for _ in range(rows)]
-    embed_effect = (g_embed * clean.embed).sum(-1)  # [rows, pos]
-    for r, p in (embed_effect != 0).nonzero().tolist():
-        out[r][("embedding", p)] = float(embed_effect[r, p])
-    for layer in range(n):
-        if g_features[layer] is not None:
-            effect = g_features[layer] * clean.features[layer]
-            effect[:, 0] = 0
-            for r, p, f in (effect != 0).nonzero().tolist():
-                out[r][("feature", layer, p, f)] = float(effect[r, p, f])
-        if g_errors[layer] is not None:
-            effect = (g_errors[layer] * clean.errors[layer]).sum(-1)
-            effect[:, 0] = 0
-            for r, p in (effect != 0).nonzero().tolist():
-                out[r][("error", layer, p)] = float(effect[r, p])
-    return out
+        self.logits = rm.model.forward(batch, last_only=True)[:, -1]
+
+    def __enter__(self) -> BackwardRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def effects(self, targets: list[Target]) -> list[dict]:
+        """For each target (at most `rows`), its direct inputs: {("feature", layer, pos, f) | ("error", layer, pos) |
+        ("embedding", pos): weight} (sources at position 0, a BOS or attention sink, are held constant)."""
+        rm, clean, leaves = self.rm, self.clean, self.leaves
+        with torch.enable_grad():
+            total = sum(_scalar(t, self.logits, leaves["mlp_in"], rm, r) for r, t in enumerate(targets))
+            inputs = [leaves["embed"], *leaves["features"], *leaves["errors"]]
+            grads = torch.autograd.grad(total, inputs, allow_unused=True, retain_graph=True)
+        n, rows = rm.n_layers, len(targets)
+        g_embed, g_features, g_errors = grads[0], grads[1 : 1 + n], grads[1 + n :]
+        out: list[dict] = [{} for _ in range(rows)]
+        embed_effect = (g_embed[:rows] * clean.embed).sum(-1)  # [rows, pos]
+        for r, p in (embed_effect != 0).nonzero().tolist():
+            out[r][("embedding", p)] = float(embed_effect[r, p])
+        for layer in range(n):
+            if g_features[layer] is not None:
+                effect = g_features[layer][:rows] * clean.features[layer]
+                effect[:, 0] = 0
+                for r, p, f in (effect != 0).nonzero().tolist():
+                    out[r][("feature", layer, p, f)] = float(effect[r, p, f])
+            if g_errors[layer] is not None:
+                effect = (g_errors[layer][:rows] * clean.errors[layer]).sum(-1)
+                effect[:, 0] = 0
+                for r, p in (effect != 0).nonzero().tolist():
+                    out[r][("error", layer, p)] = float(effect[r, p])
+        return out
 
 
 def attribute(
@@ -126,20 +143,24 @@ def attribute(
               for p, f in (acts[1:] > 0).nonzero().tolist() for p in [p + 1]]  # fmt: skip
     rows: dict[tuple, dict] = {}  # target key -> its direct inputs
     logit_keys = [("logit", token) for token, _ in logits]
-    for chunk in _chunks([Target("logit", token=t, wrong=wrong_id) for t, _ in logits], batch_size):
-        for t, inputs in zip(chunk, direct_effects(rm, clean, chunk), strict=True):
-            rows[("logit", t.token)] = inputs
     budget = min(max_feature_nodes, len(active))
-    with token_progress(budget, enabled=progress, label="attribution", unit="features", rate_unit="row") as advance:
+    with (
+        BackwardRows(rm, clean, batch_size) as backward,
+        token_progress(budget, enabled=progress, label="attribution", unit="features", rate_unit="row") as advance,
+    ):
+        for chunk in _chunks([Target("logit", token=t, wrong=wrong_id) for t, _ in logits], batch_size):
+            for t, inputs in zip(chunk, backward.effects(chunk), strict=True):
+                rows[("logit", t.token)] = inputs
         while sum(1 for k in rows if k[0] == "feature") < budget:
-            influence = _influence(rows, dict(zip(logit_keys, [p for _, p in logits], strict=True)))
             pending = [("feature", *a) for a in active if ("feature", *a) not in rows]
-            pending.sort(key=lambda k: -influence.get(k, 0.0))
+            if budget < len(active):  # rank by influence only when not every feature gets a row
+                influence = _influence(rows, dict(zip(logit_keys, [p for _, p in logits], strict=True)))
+                pending.sort(key=lambda k: -influence.get(k, 0.0))
             room = budget - sum(1 for k in rows if k[0] == "feature")
             chunk = [
                 Target("feature", layer=k[1], position=k[2], feature=k[3]) for k in pending[: min(batch_size, room)]
             ]
-            for t, inputs in zip(chunk, direct_effects(rm, clean, chunk), strict=True):
+            for t, inputs in zip(chunk, backward.effects(chunk), strict=True):
                 rows[("feature", t.layer, t.position, t.feature)] = inputs
             advance(len(chunk))
     graph = _assemble(model, prompt, ids, clean, rows, logits)
