@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from modelrecon.circuits.graph import Graph, Node
+from modelrecon.circuits.prune import influence
 from modelrecon.circuits.replacement import CleanRun, ReplacementModel
 from modelrecon.errors import BadInputError
 from modelrecon.models.model import Model
@@ -88,32 +89,71 @@ class BackwardRows:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
-    def effects(self, targets: list[Target]) -> list[dict]:
-        """For each target (at most `rows`), its direct inputs: {("feature", layer, pos, f) | ("error", layer, pos) |
-        ("embedding", pos): weight} (sources at position 0, a BOS or attention sink, are held constant)."""
+    def effects(self, targets: list[Target], index: NodeIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The direct inputs of each target (at most `rows`), as (row, source node, weight) tensors in `index`'s
+        numbering (sources at position 0, a BOS or attention sink, are held constant and left out)."""
         rm, clean, leaves = self.rm, self.clean, self.leaves
         with torch.enable_grad():
             total = sum(_scalar(t, self.logits, leaves["mlp_in"], rm, r) for r, t in enumerate(targets))
             inputs = [leaves["embed"], *leaves["features"], *leaves["errors"]]
             grads = torch.autograd.grad(total, inputs, allow_unused=True, retain_graph=True)
         n, rows = rm.n_layers, len(targets)
-        g_embed, g_features, g_errors = grads[0], grads[1 : 1 + n], grads[1 + n :]
-        out: list[dict] = [{} for _ in range(rows)]
-        embed_effect = (g_embed[:rows] * clean.embed).sum(-1)  # [rows, pos]
-        for r, p in (embed_effect != 0).nonzero().tolist():
-            out[r][("embedding", p)] = float(embed_effect[r, p])
+        pieces = [((grads[0][:rows] * clean.embed).sum(-1), index.embeddings)]  # [rows, pos] effects, [pos] nodes
         for layer in range(n):
-            if g_features[layer] is not None:
-                effect = g_features[layer][:rows] * clean.features[layer]
-                effect[:, 0] = 0
-                for r, p, f in (effect != 0).nonzero().tolist():
-                    out[r][("feature", layer, p, f)] = float(effect[r, p, f])
-            if g_errors[layer] is not None:
-                effect = (g_errors[layer][:rows] * clean.errors[layer]).sum(-1)
-                effect[:, 0] = 0
-                for r, p in (effect != 0).nonzero().tolist():
-                    out[r][("error", layer, p)] = float(effect[r, p])
-        return out
+            if grads[1 + layer] is not None:
+                pieces.append((grads[1 + layer][:rows] * clean.features[layer], index.features[layer]))
+            if grads[1 + n + layer] is not None:
+                pieces.append(((grads[1 + n + layer][:rows] * clean.errors[layer]).sum(-1), index.errors[layer]))
+        out_rows, out_sources, out_weights = [], [], []
+        for effect, nodes in pieces:
+            mask = (effect != 0) & (nodes >= 0)[None]
+            where = mask.nonzero(as_tuple=True)
+            out_rows.append(where[0])
+            out_sources.append(nodes.expand_as(effect)[where])
+            out_weights.append(effect[where].float())
+        return torch.cat(out_rows), torch.cat(out_sources), torch.cat(out_weights)
+
+
+@dataclass
+class NodeIndex:
+    """Every candidate node of a prompt's graph, numbered: active features (per layer `[pos, width]`, -1 where
+    inactive or at position 0), error nodes (per layer `[pos]`), embeddings `[pos]`, then the logits."""
+
+    features: list[torch.Tensor]
+    errors: list[torch.Tensor]
+    embeddings: torch.Tensor
+    keys: list[
+        tuple
+    ]  # per node: ("feature", layer, pos, f) | ("error", layer, pos) | ("embedding", pos) | ("logit", t)
+
+    @classmethod
+    def build(cls, clean: CleanRun, logit_tokens: list[int]) -> NodeIndex:
+        keys: list[tuple] = []
+
+        def number(mask: torch.Tensor, key) -> torch.Tensor:
+            out = torch.full(mask.shape, -1, dtype=torch.int64)
+            where = mask.nonzero()
+            out[tuple(where.T)] = torch.arange(len(keys), len(keys) + len(where))
+            keys.extend(key(*w) for w in where.tolist())
+            return out
+
+        features = []
+        for layer, acts in enumerate(clean.features):
+            active = acts > 0
+            active[0] = False
+            features.append(number(active, lambda p, f, layer=layer: ("feature", layer, p, f)))
+        positions = torch.ones(len(clean.ids), dtype=torch.bool)
+        errors = []
+        for layer in range(len(clean.errors)):
+            mask = positions.clone()
+            mask[0] = False
+            errors.append(number(mask, lambda p, layer=layer: ("error", layer, p)))
+        embeddings = number(positions, lambda p: ("embedding", p))
+        keys.extend(("logit", t) for t in logit_tokens)
+        return cls(features, errors, embeddings, keys)
+
+    def logit(self, token: int) -> int:
+        return self.keys.index(("logit", token))
 
 
 def attribute(
@@ -139,31 +179,41 @@ def attribute(
     clean = rm.clean(ids)
     logits = logit_targets(model, clean, target, max_logits, cumulative)
     wrong_id = None if wrong is None else single_token(model, wrong)
-    active = [(layer, p, f) for layer, acts in enumerate(clean.features)
-              for p, f in (acts[1:] > 0).nonzero().tolist() for p in [p + 1]]  # fmt: skip
-    rows: dict[tuple, dict] = {}  # target key -> its direct inputs
-    logit_keys = [("logit", token) for token, _ in logits]
-    budget = min(max_feature_nodes, len(active))
+    index = NodeIndex.build(clean, [t for t, _ in logits])
+    features = [i for i, key in enumerate(index.keys) if key[0] == "feature"]
+    logit_weights = torch.zeros(len(index.keys), dtype=torch.float64)
+    for token, probability in logits:
+        logit_weights[index.logit(token)] = probability
+    edges: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (targets, sources, weights) per batch
+    expanded = torch.zeros(len(index.keys), dtype=torch.bool)
+    budget = min(max_feature_nodes, len(features))
+
+    def run_rows(nodes: list[int], chunk: list[Target]) -> None:
+        rows, sources, weights = backward.effects(chunk, index)
+        edges.append((torch.tensor(nodes)[rows], sources, weights))
+        expanded[nodes] = True
+
     with (
         BackwardRows(rm, clean, batch_size) as backward,
         token_progress(budget, enabled=progress, label="attribution", unit="features", rate_unit="row") as advance,
     ):
-        for chunk in _chunks([Target("logit", token=t, wrong=wrong_id) for t, _ in logits], batch_size):
-            for t, inputs in zip(chunk, backward.effects(chunk), strict=True):
-                rows[("logit", t.token)] = inputs
-        while sum(1 for k in rows if k[0] == "feature") < budget:
-            pending = [("feature", *a) for a in active if ("feature", *a) not in rows]
-            if budget < len(active):  # rank by influence only when not every feature gets a row
-                influence = _influence(rows, dict(zip(logit_keys, [p for _, p in logits], strict=True)))
-                pending.sort(key=lambda k: -influence.get(k, 0.0))
-            room = budget - sum(1 for k in rows if k[0] == "feature")
-            chunk = [
-                Target("feature", layer=k[1], position=k[2], feature=k[3]) for k in pending[: min(batch_size, room)]
-            ]
-            for t, inputs in zip(chunk, backward.effects(chunk), strict=True):
-                rows[("feature", t.layer, t.position, t.feature)] = inputs
-            advance(len(chunk))
-    graph = _assemble(model, prompt, ids, clean, rows, logits)
+        for chunk in _chunks([(index.logit(t), Target("logit", token=t, wrong=wrong_id)) for t, _ in logits],
+                             batch_size):  # fmt: skip
+            run_rows([n for n, _ in chunk], [t for _, t in chunk])
+        order = torch.tensor(features, dtype=torch.int64)
+        while int(expanded[features].sum()) < budget:
+            pending = order[~expanded[order]]
+            if budget < len(features):  # rank by influence only when not every feature gets a row
+                targets, sources, weights = (torch.cat(x) for x in zip(*edges, strict=True))
+                scores = influence(len(index.keys), sources, targets, weights, logit_weights)
+                pending = pending[scores[pending].argsort(descending=True, stable=True)]
+            chosen = pending[: min(batch_size, budget - int(expanded[features].sum()))].tolist()
+            run_rows(chosen, [Target("feature", layer=k[1], position=k[2], feature=k[3])
+                              for k in (index.keys[n] for n in chosen)])  # fmt: skip
+            advance(len(chosen))
+    targets, sources, weights = (torch.cat(x) for x in zip(*edges, strict=True))
+    kept = expanded | torch.tensor([key[0] != "feature" for key in index.keys])
+    graph = _assemble(model, prompt, ids, clean, index, kept, (sources, targets, weights), logits)
     if wrong is not None:  # the logit node stands for the difference
         i = graph.logit_nodes()[0]
         node = graph.nodes[i]
@@ -172,7 +222,7 @@ def attribute(
     graph.metadata |= {
         "targets": [{"token": model.tokenizer.decode([t]), "token_id": t, "probability": p} for t, p in logits],
         "logit_difference_against": None if wrong is None else {"token": wrong, "token_id": wrong_id},
-        "active_features": len(active),
+        "active_features": len(features),
         "n_layers": model.n_layers,
         "max_feature_nodes": max_feature_nodes,
         "transcoders": [d.config.provenance for d in rm.transcoders[:1]],
@@ -186,55 +236,27 @@ def _chunks(items: list, size: int):
         yield items[i : i + size]
 
 
-def _influence(rows: dict[tuple, dict], logit_weights: dict[tuple, float]) -> dict[tuple, float]:
-    """Each source's influence on the logits through the rows computed so far: logit weights pushed backwards along
-    row-normalised |direct effects| (sum over paths of every length), as circuit-tracer orders its rows."""
-    influence: dict[tuple, float] = {}
-    frontier = dict(logit_weights)
-    for _ in range(len(rows) + 1):
-        nxt: dict[tuple, float] = {}
-        for key, weight in frontier.items():
-            inputs = rows.get(key)
-            if not inputs or weight == 0:
-                continue
-            norm = sum(abs(v) for v in inputs.values())
-            for source, value in inputs.items():
-                nxt[source] = nxt.get(source, 0.0) + weight * abs(value) / norm
-        for key, value in nxt.items():
-            influence[key] = influence.get(key, 0.0) + value
-        if not nxt:
-            break
-        frontier = nxt
-    return influence
-
-
-def _assemble(model, prompt, ids, clean: CleanRun, rows: dict, logits: list) -> Graph:
+def _assemble(model, prompt, ids, clean: CleanRun, index: NodeIndex, kept: torch.Tensor, edges, logits) -> Graph:
+    """The graph of the kept nodes (features in (layer, position, feature) order, then errors, embeddings, logits)
+    and the edges between them."""
     tokens = [model.tokenizer.decode([i]) for i in ids]
-    last = len(ids) - 1
-    nodes: list[Node] = []
-    index: dict[tuple, int] = {}
-
-    def add(key, node):
-        index[key] = len(nodes)
-        nodes.append(node)
-
-    for key in sorted(k for k in rows if k[0] == "feature"):
-        _, layer, p, f = key
-        add(key, Node("feature", p, layer, f, float(clean.features[layer][p, f]), tokens[p]))
-    for layer in range(len(clean.errors)):
-        for p in range(1, len(ids)):
-            add(("error", layer, p), Node("error", p, layer, token=tokens[p]))
-    for p, token_id in enumerate(ids):
-        add(("embedding", p), Node("embedding", p, feature=token_id, token=tokens[p]))
-    for token_id, prob in logits:
-        add(("logit", token_id), Node("logit", last, feature=token_id, activation=prob,
-                                      token=model.tokenizer.decode([token_id])))  # fmt: skip
-    sources, targets, weights = [], [], []
-    for target_key, inputs in rows.items():
-        for source_key, weight in inputs.items():
-            if source_key in index:
-                sources.append(index[source_key])
-                targets.append(index[target_key])
-                weights.append(weight)
-    return Graph(prompt, tokens, list(ids), model.name, nodes, torch.tensor(sources, dtype=torch.int64),
-                 torch.tensor(targets, dtype=torch.int64), torch.tensor(weights, dtype=torch.float32))  # fmt: skip
+    probability = dict(logits)
+    nodes, new_index = [], torch.full((len(index.keys),), -1, dtype=torch.int64)
+    for n, key in enumerate(index.keys):
+        if not kept[n]:
+            continue
+        new_index[n] = len(nodes)
+        if key[0] == "feature":
+            _, layer, p, f = key
+            nodes.append(Node("feature", p, layer, f, float(clean.features[layer][p, f]), tokens[p]))
+        elif key[0] == "error":
+            nodes.append(Node("error", key[2], key[1], token=tokens[key[2]]))
+        elif key[0] == "embedding":
+            nodes.append(Node("embedding", key[1], feature=ids[key[1]], token=tokens[key[1]]))
+        else:
+            nodes.append(Node("logit", len(ids) - 1, feature=key[1], activation=probability[key[1]],
+                              token=model.tokenizer.decode([key[1]])))  # fmt: skip
+    sources, targets, weights = edges
+    keep = kept[sources] & kept[targets]
+    return Graph(prompt, tokens, list(ids), model.name, nodes, new_index[sources[keep]], new_index[targets[keep]],
+                 weights[keep].float())  # fmt: skip

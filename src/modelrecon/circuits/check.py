@@ -7,18 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from modelrecon.circuits.attribute import _influence
 from modelrecon.circuits.graph import Graph
+from modelrecon.circuits.prune import node_influence
 from modelrecon.circuits.replacement import CleanRun, ReplacementModel
-
-
-def feature_influence(graph: Graph) -> dict[int, float]:
-    """Each node's influence on the logits (weighted by their probabilities) through the graph's edges."""
-    rows: dict[int, dict[int, float]] = {}
-    for s, t, w in zip(graph.sources.tolist(), graph.targets.tolist(), graph.weights.tolist(), strict=True):
-        rows.setdefault(t, {})[s] = rows.get(t, {}).get(s, 0.0) + w
-    logits = {i: graph.nodes[i].activation or 0.0 for i in graph.logit_nodes()}
-    return _influence(rows, logits)
 
 
 def strongest_paths(graph: Graph, n: int = 3, max_length: int = 12) -> list[list[tuple[int, float]]]:
@@ -58,9 +49,9 @@ def causal_check(rm: ReplacementModel, clean: CleanRun, graph: Graph, n_features
                  seed: int = 0) -> CausalCheck:  # fmt: skip
     """Zero the graph's `n_features` most influential features in the model (attention and norms live, later
     features recomputed: total effects) and measure the top logit's change; then as many random active features."""
-    influence = feature_influence(graph)
+    influence = node_influence(graph)
     features = [i for i, node in enumerate(graph.nodes) if node.kind == "feature"]
-    top = sorted(features, key=lambda i: -influence.get(i, 0.0))[:n_features]
+    top = sorted(features, key=lambda i: -float(influence[i]))[:n_features]
     logit = max(graph.logit_nodes(), key=lambda i: graph.nodes[i].activation or 0.0)
     token = graph.nodes[logit].feature
 

@@ -57,6 +57,12 @@ def _influence(n: int, sources: torch.Tensor, targets: torch.Tensor, b: torch.Te
     )
 
 
+def influence(n: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+              logit_weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Node influence `w (B + B^2 + ...)` straight from edge lists (also for a graph still being built)."""
+    return _influence(n, sources, targets, _normalised(n, targets, weights), logit_weights)
+
+
 def _graph_arrays(graph: Graph) -> tuple[torch.Tensor, torch.Tensor]:
     return graph.sources.to(torch.int64), graph.targets.to(torch.int64)
 
@@ -67,8 +73,7 @@ def node_influence(graph: Graph) -> torch.Tensor:
     Logit nodes get 0 (they have no outgoing edges); the influences of the nodes with no inputs of their own (token
     embeddings, error nodes) sum to 1 when every path ends there."""
     sources, targets = _graph_arrays(graph)
-    b = _normalised(graph.n_nodes, targets, graph.weights)
-    return _influence(graph.n_nodes, sources, targets, b, _logit_weights(graph))
+    return influence(graph.n_nodes, sources, targets, graph.weights, _logit_weights(graph))
 
 
 def edge_influence(graph: Graph, node_influence: torch.Tensor) -> torch.Tensor:
