@@ -67,7 +67,7 @@ def randomised(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.T
     like a norm's ones): the twin keeps the architecture and loses the mechanism."""
     generator = torch.Generator().manual_seed(seed)
     out = {}
-    for key, value in weights.items():
+    for key, value in sorted(weights.items()):  # by name: the twin does not depend on how the weights were listed
         scale = value.std() if value.numel() > 1 and value.std() > 0 else value.abs().mean().clamp_min(1e-3)
         out[key] = torch.randn(value.shape, generator=generator) * scale
     return out
