@@ -34,8 +34,10 @@ demo: install
 	$(VENV)/bin/modelrecon patch --clean "$(DEMO_PROMPT)" --corrupt "The capital of Italy is" --answer " Paris" \
 		--wrong " Rome" --sweep resid_pre --json $(DEMO_OUT)/patch.json --html $(DEMO_OUT)/patch.html
 	$(VENV)/bin/modelrecon transcoders
+	$(VENV)/bin/modelrecon trace "$(DEMO_PROMPT)" --transcoders default --out $(DEMO_OUT)/trace
 	@echo "activation cube: $(DEMO_OUT)/capital.zarr   view: $(DEMO_OUT)/capital.html (open it in a browser)"
 	@echo "patching sweep: $(DEMO_OUT)/patch.json   heatmap: $(DEMO_OUT)/patch.html"
+	@echo "attribution graph: $(DEMO_OUT)/trace/graph.json (circuit-tracer / Neuronpedia format)"
 
 # The embedded model's default transcoders: trained once (about ten minutes on two cores), then cached.
 transcoders: install
