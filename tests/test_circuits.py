@@ -28,10 +28,23 @@ def _transcoders(model, kind="skip-transcoder", seed=0):
     return out
 
 
-@pytest.fixture(scope="module")
-def setup():
+def _clt(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    sites = (
+        tuple(f"layers.{i}.mlp.in" for i in range(model.n_layers)),
+        tuple(f"layers.{i}.mlp.out" for i in range(model.n_layers)),
+    )
+    d = Dictionary(DictionaryConfig("clt", model.d_model, model.d_model, 40, "topk", 5, *sites))
+    with torch.no_grad():
+        for p in d.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return [d]
+
+
+@pytest.fixture(scope="module", params=["per-layer", "clt"])
+def setup(request):
     model = tiny_model("llama")
-    rm = ReplacementModel(model, _transcoders(model))
+    rm = ReplacementModel(model, _transcoders(model) if request.param == "per-layer" else _clt(model))
     return model, rm, rm.clean(model.encode(PROMPT))
 
 
@@ -46,14 +59,12 @@ def _pre_activation(rm, clean, node, features=None):
         logits = rm.model.forward(rm.model.batch_from_ids([clean.ids]), last_only=True)[0, -1]
         if node.kind == "logit":
             return float(logits[node.feature] - logits.mean())
-        return float(
-            leaves["mlp_in"][node.layer][0, node.position] @ rm.transcoders[node.layer].W_enc[0][:, node.feature]
-        )
+        return float(leaves["mlp_in"][node.layer][0, node.position] @ rm.encoder_vector(node.layer, node.feature))
 
 
 def test_edges_are_the_effects_of_doubling_a_feature_with_everything_downstream_frozen(setup):
     model, rm, clean = setup
-    graph = attribute(model, PROMPT, rm.transcoders, max_feature_nodes=60, progress=False)
+    graph = attribute(model, PROMPT, rm.dictionaries, max_feature_nodes=60, progress=False)
     assert len({n.id for n in graph.nodes}) == graph.n_nodes  # ids never collide
     checked = 0
     for target in [*graph.logit_nodes()[:1], *[i for i, n in enumerate(graph.nodes) if n.kind == "feature"][-3:]]:
@@ -78,13 +89,13 @@ def test_edges_are_the_effects_of_doubling_a_feature_with_everything_downstream_
 
 def test_logit_targets_and_budget(setup):
     model, rm, clean = setup
-    graph = attribute(model, PROMPT, rm.transcoders, max_feature_nodes=10, progress=False)
+    graph = attribute(model, PROMPT, rm.dictionaries, max_feature_nodes=10, progress=False)
     probabilities = [n.activation for n in graph.nodes if n.kind == "logit"]
     assert sum(probabilities) >= 0.95 or len(probabilities) == 10
     assert sum(n.kind == "feature" for n in graph.nodes) == 10
-    one = attribute(model, PROMPT, rm.transcoders, target="x", max_feature_nodes=5, progress=False)
+    one = attribute(model, PROMPT, rm.dictionaries, target="x", max_feature_nodes=5, progress=False)
     assert [n.token for n in one.nodes if n.kind == "logit"] == ["x"]
-    diff = attribute(model, PROMPT, rm.transcoders, target="x", wrong="q", max_feature_nodes=5, progress=False)
+    diff = attribute(model, PROMPT, rm.dictionaries, target="x", wrong="q", max_feature_nodes=5, progress=False)
     logit = diff.logit_nodes()[0]
     source, weight = next((s, w) for s, w in diff.inputs_of(logit, top=diff.n_nodes) if diff.nodes[s].kind == "feature")
     node = diff.nodes[source]
@@ -94,7 +105,7 @@ def test_logit_targets_and_budget(setup):
     changed = rm.forward(clean, features=features)[0]
     assert float((changed[x] - changed[q]) - (clean.logits[x] - clean.logits[q])) == pytest.approx(weight, abs=1e-3)
     with pytest.raises(BadInputError, match="one per layer"):
-        ReplacementModel(model, rm.transcoders[:1])
+        ReplacementModel(model, _transcoders(model)[:1])
 
 
 def test_trace_command_writes_a_pruned_graph_and_checks_it(capsys, tmp_path, tiny_llama_folder):
@@ -118,7 +129,7 @@ def test_feature_interventions_direct_and_total(setup):
     from modelrecon.circuits.replacement import FeatureChange, generate_with_features, intervene
 
     model, rm, clean = setup
-    graph = attribute(model, PROMPT, rm.transcoders, max_feature_nodes=60, progress=False)
+    graph = attribute(model, PROMPT, rm.dictionaries, max_feature_nodes=60, progress=False)
     logit = graph.logit_nodes()[0]
     token = graph.nodes[logit].feature
     source, weight = next(

@@ -67,8 +67,7 @@ def _scalar(target: Target, logits: torch.Tensor, mlp_in: list[torch.Tensor], rm
     if target.kind == "logit":
         baseline = logits[row].mean() if target.wrong is None else logits[row, target.wrong]
         return logits[row, target.token] - baseline
-    encoder = rm.transcoders[target.layer].W_enc[0][:, target.feature]
-    return mlp_in[target.layer][row, target.position] @ encoder
+    return mlp_in[target.layer][row, target.position] @ rm.encoder_vector(target.layer, target.feature)
 
 
 class BackwardRows:
@@ -225,7 +224,7 @@ def attribute(
         "active_features": len(features),
         "n_layers": model.n_layers,
         "max_feature_nodes": max_feature_nodes,
-        "transcoders": [d.config.provenance for d in rm.transcoders[:1]],
+        "transcoders": [d.config.provenance for d in rm.dictionaries[:1]],
         "seconds": time.perf_counter() - start,
     }
     return graph

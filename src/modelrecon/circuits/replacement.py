@@ -62,24 +62,67 @@ class ReplacementModel:
                 f"the replacement model needs an MLP whose output is what it adds to the residual stream; "
                 f"{model.adapter.family} models normalise it first or run it in parallel (use a component graph)"
             )
+        self.model = model
+        self.clt: Dictionary | None = None
+        self.transcoders: list[Dictionary] = []
+        folded = [d.fold_normalisation() if (d.input_scale != 1).any() else d for d in transcoders]
+        if len(folded) == 1 and folded[0].config.kind == "clt":
+            self.clt = folded[0]
+            expected = tuple(site_name("mlp.in", i) for i in range(model.n_layers))
+            if self.clt.config.input_sites != expected:
+                raise BadInputError("a cross-layer transcoder for the replacement model reads every layer's mlp.in; "
+                                    "train it with --kind clt --site 'layers.*.mlp'")  # fmt: skip
+        else:
+            self.transcoders = self._per_layer(model, folded)
+        for d in folded:
+            d.requires_grad_(False)
+
+    @staticmethod
+    def _per_layer(model: Model, transcoders: list[Dictionary]) -> list[Dictionary]:
         by_layer = {}
         for d in transcoders:
             if d.config.kind not in ("transcoder", "skip-transcoder") or d.config.n_layers != 1:
-                raise BadInputError(f"a replacement model takes per-layer transcoders, not a {d.config.kind}")
+                raise BadInputError(
+                    f"a replacement model takes per-layer transcoders or one cross-layer transcoder, not a "
+                    f"{d.config.kind} among others"
+                )
             layer = int(d.config.input_sites[0].split(".")[1])
             if d.config.input_sites[0] != site_name("mlp.in", layer) or d.config.output_sites[0] != site_name(
                 "mlp.out", layer
             ):
                 raise BadInputError(f"transcoder {d.config.input_sites[0]} -> {d.config.output_sites[0]} does not "
                                     f"replace an MLP: train it with --site 'layers.*.mlp'")  # fmt: skip
-            by_layer[layer] = d.fold_normalisation() if (d.input_scale != 1).any() else d
+            by_layer[layer] = d
         missing = [layer for layer in range(model.n_layers) if layer not in by_layer]
         if missing:
             raise BadInputError(f"no transcoder for layer(s) {missing}; the replacement model needs one per layer")
-        self.model = model
-        self.transcoders = [by_layer[layer] for layer in range(model.n_layers)]
-        for d in self.transcoders:
-            d.requires_grad_(False)
+        return [by_layer[layer] for layer in range(model.n_layers)]
+
+    @property
+    def dictionaries(self) -> list[Dictionary]:
+        return [self.clt] if self.clt is not None else self.transcoders
+
+    def encoder_vector(self, layer: int, feature: int) -> torch.Tensor:
+        """The encoder direction of a feature: its pre-activation is `mlp_in(layer) . this` (+ a bias)."""
+        if self.clt is not None:
+            return self.clt.W_enc[layer][:, feature]
+        return self.transcoders[layer].W_enc[0][:, feature]
+
+    def encode_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """A layer's feature activations from its MLP input `[..., pos, d]`."""
+        if self.clt is None:
+            return encode(self.transcoders[layer], x)
+        c = self.clt  # the dictionary's own activation, on this layer's slot (the other slots stay 0)
+        pre = torch.zeros(*x.shape[:-1], c.config.n_layers, c.config.width, dtype=x.dtype)
+        pre[..., layer, :] = x @ c.W_enc[layer] + c.b_enc[layer]
+        return c.activate(pre)[..., layer, :]
+
+    def decode_layer(self, layer: int, features: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """What the dictionaries write to layer `layer`'s MLP output, from the features of layers <= `layer`."""
+        if self.clt is not None:
+            c = self.clt
+            return c.b_dec[layer] + sum(features[i] @ c.W_dec[i][:, layer - i] for i in range(layer + 1))
+        return decode(self.transcoders[layer], features[layer], x)
 
     @property
     def n_layers(self) -> int:
@@ -99,9 +142,8 @@ class ReplacementModel:
             result = run(self.model, self.model.batch_from_ids([ids]), record=sites)
         acts = {s: v[0] for s, v in result.acts.items()}
         mlp_in = [acts[site_name("mlp.in", i)] for i in range(n)]
-        features = [encode(d, x) for d, x in zip(self.transcoders, mlp_in, strict=True)]
-        errors = [acts[site_name("mlp.out", i)] - decode(d, f, x)
-                  for i, (d, f, x) in enumerate(zip(self.transcoders, features, mlp_in, strict=True))]  # fmt: skip
+        features = [self.encode_layer(i, x) for i, x in enumerate(mlp_in)]
+        errors = [acts[site_name("mlp.out", i)] - self.decode_layer(i, features, mlp_in[i]) for i in range(n)]
         patterns = [acts[site_name("attn.pattern", i)] for i in range(n)]
         return CleanRun(ids, acts["layers.0.resid_pre"], mlp_in, features, errors, patterns, result.logits[0][-1],
                         scales)  # fmt: skip
@@ -125,6 +167,7 @@ class ReplacementModel:
             "features": [f.clone().requires_grad_(True) for f in values],
             "errors": [e.expand(rows, -1, -1).clone().requires_grad_(True) for e in clean.errors],
             "mlp_in": [None] * n,
+            "current": [None] * n,
         }
         edit = {"layers.0.resid_pre": lambda value, ctx: leaves["embed"].to(value)}
         if not live:
@@ -139,7 +182,7 @@ class ReplacementModel:
                     stack.enter_context(_frozen_scale(module, scale))
             for layer in range(n):
                 module = model.layer_module(layer, model.adapter.mlp)
-                stack.enter_context(_replaced_mlp(module, self.transcoders[layer], leaves, layer, live, clean))
+                stack.enter_context(_replaced_mlp(module, self, leaves, layer, live, clean))
             stack.enter_context(hooked(model, batch, edit=edit))
             yield leaves
 
@@ -182,18 +225,19 @@ def _frozen_scale(module: torch.nn.Module, scale: torch.Tensor | None = None, re
 
 
 @contextmanager
-def _replaced_mlp(module, transcoder: Dictionary, leaves: dict, layer: int, live: bool, clean: CleanRun):
-    """The MLP's output replaced by decode(features) + its frozen error (skip path live)."""
+def _replaced_mlp(module, rm: ReplacementModel, leaves: dict, layer: int, live: bool, clean: CleanRun):
+    """The MLP's output replaced by the dictionaries' write from the features so far plus its frozen error (a skip
+    transcoder's skip path live). `leaves["current"]` holds the features each layer used in this pass."""
 
     def hook(mod, args, output):
         x = args[0]
         leaves["mlp_in"][layer] = x
         f = leaves["features"][layer]
         if live:  # features recomputed from this pass's input, except where a value was set
-            recomputed = encode(transcoder, x)
             changed = f.detach() != clean.features[layer][None]
-            f = torch.where(changed, f, recomputed)
-        return decode(transcoder, f, x) + leaves["errors"][layer]
+            f = torch.where(changed, f, rm.encode_layer(layer, x))
+        leaves["current"][layer] = f
+        return rm.decode_layer(layer, leaves["current"], x) + leaves["errors"][layer]
 
     handle = module.register_forward_hook(hook)
     try:
