@@ -65,7 +65,7 @@ class ReplacementModel:
         self.model = model
         self.clt: Dictionary | None = None
         self.transcoders: list[Dictionary] = []
-        folded = [d.fold_normalisation() if (d.input_scale != 1).any() else d for d in transcoders]
+        folded = [d.fold_normalisation() for d in transcoders]  # raw activations in and out
         if len(folded) == 1 and folded[0].config.kind == "clt":
             self.clt = folded[0]
             expected = tuple(site_name("mlp.in", i) for i in range(model.n_layers))

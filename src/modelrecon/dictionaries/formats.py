@@ -136,28 +136,25 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # --- reading untrusted files -------------------------------------------------------------------------------------
 def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise BadInputError(f"'{path}' is missing; is '{path.parent}' a {what}?")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"'{path}' is not valid JSON ({reason(exc)}); re-export the {what}") from None
-    if not isinstance(data, dict):
-        raise BadInputError(f"'{path}' must hold a JSON object; re-export the {what}")
-    return data
+    return _read_mapping(path, what, "JSON", json.loads, (json.JSONDecodeError,), "a JSON object")
 
 
 def _read_yaml(path: Path, what: str) -> dict:
     import yaml  # PyYAML (a dependency of transformers); safe_load only
 
+    return _read_mapping(path, what, "YAML", yaml.safe_load, (yaml.YAMLError,), "a YAML mapping")
+
+
+def _read_mapping(path: Path, what: str, fmt: str, parse, errors: tuple, mapping: str) -> dict:
+    """A config file's top-level mapping, or a one-line BadInputError naming the file and the fix."""
     if not path.is_file():
         raise BadInputError(f"'{path}' is missing; is '{path.parent}' a {what}?")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise BadInputError(f"'{path}' is not valid YAML ({reason(exc)}); re-export the {what}") from None
+        data = parse(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, *errors) as exc:
+        raise BadInputError(f"'{path}' is not valid {fmt} ({reason(exc)}); re-export the {what}") from None
     if not isinstance(data, dict):
-        raise BadInputError(f"'{path}' must hold a YAML mapping; re-export the {what}")
+        raise BadInputError(f"'{path}' must hold {mapping}; re-export the {what}")
     return data
 
 
@@ -256,15 +253,8 @@ def _assemble(config: DictionaryConfig, tensors: dict[str, torch.Tensor], dtype:
     return dictionary.eval()
 
 
-def _folded(dictionary: Dictionary) -> Dictionary:
-    """`dictionary.fold_normalisation()`; an SAE's input and output scales must agree for that to be exact."""
-    if dictionary.config.kind == "sae" and not torch.equal(dictionary.input_scale, dictionary.output_scale):
-        raise BadInputError("this SAE has different input and output scales, so they cannot be folded; retrain it")
-    return dictionary.fold_normalisation()
-
-
 def _state_to_save(dictionary: Dictionary) -> dict[str, torch.Tensor]:
-    folded = _folded(dictionary)
+    folded = dictionary.fold_normalisation()
     state = {k: v for k, v in folded.state_dict().items() if k not in ("input_scale", "output_scale")}
     return _contiguous(state)
 
@@ -488,7 +478,7 @@ def export_saelens(
     `hook_name` is given; `metadata.modelrecon` keeps the whole modelrecon config for a lossless `import_saelens`."""
     c = dictionary.config
     architecture = _saelens_architecture(c)
-    folded = _folded(dictionary)
+    folded = dictionary.fold_normalisation()
     tensors = {
         "W_enc": folded.W_enc[0],  # [d_in, d_sae]
         "b_enc": folded.b_enc[0],
@@ -727,7 +717,7 @@ def export_circuit_tracer(
 
     files: dict[str, dict[str, torch.Tensor]] = {}
     for layer, d in enumerate(dictionaries):
-        folded = _folded(d)
+        folded = d.fold_normalisation()
         threshold = _thresholds(folded, "circuit-tracer")
         if d.config.kind == "clt":
             for i in range(d.config.n_layers):

@@ -196,7 +196,10 @@ class Dictionary(nn.Module):
 
     @torch.no_grad()
     def fold_normalisation(self) -> Dictionary:
-        """A copy that reads and writes raw activations with scales 1 (what is saved)."""
+        """A copy that reads and writes raw activations with scales 1 (what is saved). An SAE's encoder reads
+        `x - b_dec`, which folds exactly only when its input and output scales agree (they do when trained)."""
+        if self.config.kind == "sae" and not torch.equal(self.input_scale, self.output_scale):
+            raise BadInputError("this SAE has different input and output scales, so they cannot be folded; retrain it")
         out = Dictionary(self.config, self.b_enc.dtype)
         out.load_state_dict(self.state_dict())
         s_in, s_out = self.input_scale, self.output_scale
