@@ -618,9 +618,9 @@ def trace(
 
     loaded = load_model(model)
     dictionaries = _transcoder_set(loaded, transcoders)
-    graph = attribute(loaded, prompt, dictionaries, target=target, wrong=wrong, max_feature_nodes=max_features,
-                      batch_size=batch_size)  # fmt: skip
     rm = ReplacementModel(loaded, dictionaries)
+    graph = attribute(loaded, prompt, rm, target=target, wrong=wrong, max_feature_nodes=max_features,
+                      batch_size=batch_size)  # fmt: skip
     check = causal_check(rm, rm.clean(graph.token_ids), graph, n_features=check_features)
     pruned = prune_graph(graph)
     pruned.metadata["causal_check"] = check.to_dict()

@@ -158,7 +158,7 @@ class NodeIndex:
 def attribute(
     model: Model,
     prompt: str,
-    transcoders: list,
+    transcoders: list | ReplacementModel,
     *,
     target: str | None = None,
     wrong: str | None = None,
@@ -169,11 +169,12 @@ def attribute(
     progress: bool = True,
 ) -> Graph:
     """The attribution graph of `prompt` (see the module docstring). `target`: one target token instead of the top
-    logits; with `wrong` too, the target is the logit difference logit(target) - logit(wrong)."""
+    logits; with `wrong` too, the target is the logit difference logit(target) - logit(wrong). `transcoders`: the
+    dictionaries, or a ReplacementModel already built on them (which the caller can then reuse)."""
     if wrong is not None and target is None:
         raise BadInputError("a logit-difference target needs --target as well as --wrong")
     start = time.perf_counter()
-    rm = ReplacementModel(model, transcoders)
+    rm = transcoders if isinstance(transcoders, ReplacementModel) else ReplacementModel(model, transcoders)
     ids = model.encode(prompt)
     clean = rm.clean(ids)
     logits = logit_targets(model, clean, target, max_logits, cumulative)
