@@ -205,29 +205,22 @@ DICTIONARY_METHODS: dict[str, dict] = {
 DICTIONARY_TRAINING = {"tokens": 400_000, "batch_size": 256, "lr": 1e-2, "l1": 3e-2, "l0": 3e-2}
 
 
-def _dictionary_recovery(model: Model, task: Task, activation: str, k: int | None) -> dict:
-    """Train an SAE at the task's site on its prompts' activations; how well its decoder recovers the directions."""
-    import tempfile
-
-    from modelrecon.cube.capture import capture
-    from modelrecon.cube.reader import Cube
+def _dictionary_recovery(cube, task: Task, activation: str, k: int | None) -> dict:
+    """Train an SAE on a cube of the task's site; how well its decoder recovers the true directions."""
     from modelrecon.dictionaries import DictionaryConfig
     from modelrecon.dictionaries.sources import CubeSource
     from modelrecon.dictionaries.train import TrainOptions, train
 
     site = task.site
     options = TrainOptions(**DICTIONARY_TRAINING)
-    with tempfile.TemporaryDirectory() as folder:
-        capture(model, task.prompts, f"{folder}/acts.zarr", sites=[site], dtype="float32", progress=False)
-        cube = Cube(f"{folder}/acts.zarr")
-        kind, layer = site.split(".", 2)[2], int(site.split(".")[1])
-        source = CubeSource(cube, kind, kind, [layer], options.batch_size, seed=options.seed)
-        config = DictionaryConfig("sae", model.d_model, model.d_model, 2 * len(task.directions), activation, k,
-                                  (site,), (site,))  # fmt: skip
-        start = time.perf_counter()
-        (sae,) = train(source, [config], options, progress=False)
-        seconds = time.perf_counter() - start
-        acts = torch.from_numpy(cube.get(kind, layers=layer)[:, 0])
+    kind, layer = site.split(".", 2)[2], int(site.split(".")[1])
+    source = CubeSource(cube, kind, kind, [layer], options.batch_size, seed=options.seed)
+    acts = torch.from_numpy(cube.get(kind, layers=layer)[:, 0])
+    config = DictionaryConfig("sae", acts.shape[-1], acts.shape[-1], 2 * len(task.directions), activation, k,
+                              (site,), (site,))  # fmt: skip
+    start = time.perf_counter()
+    (sae,) = train(source, [config], options, progress=False)
+    seconds = time.perf_counter() - start
     folded = sae.fold_normalisation()
     with torch.no_grad():
         prediction, latents = folded(acts)
@@ -243,12 +236,24 @@ def _dictionary_recovery(model: Model, task: Task, activation: str, k: int | Non
 
 
 def _dictionary_entry(model: Model, twin: Model, task: Task, names: list[str]) -> dict:
+    """Each dictionary method trained on the model's and on the twin's activations (one cube of each)."""
+    import tempfile
+
+    from modelrecon.cube.capture import capture
+    from modelrecon.cube.reader import Cube
+
     out = {}
-    for name in names:
-        spec = DICTIONARY_METHODS[name]
-        result = _dictionary_recovery(model, task, spec["activation"], spec["k"])
-        twin_result = _dictionary_recovery(twin, task, spec["activation"], spec["k"])
-        out[name] = {**result, "twin_mean_max_cosine": twin_result["mean_max_cosine"]}
+    with tempfile.TemporaryDirectory() as folder:
+        cubes = []
+        for name, source_model in (("model", model), ("twin", twin)):
+            path = f"{folder}/{name}.zarr"
+            capture(source_model, task.prompts, path, sites=[task.site], dtype="float32", progress=False)
+            cubes.append(Cube(path))
+        for name in names:
+            spec = DICTIONARY_METHODS[name]
+            result = _dictionary_recovery(cubes[0], task, spec["activation"], spec["k"])
+            twin_result = _dictionary_recovery(cubes[1], task, spec["activation"], spec["k"])
+            out[name] = {**result, "twin_mean_max_cosine": twin_result["mean_max_cosine"]}
     return out
 
 
