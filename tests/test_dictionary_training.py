@@ -126,3 +126,17 @@ def test_cli_trains_and_evaluates(capsys, tmp_path, tiny_llama_folder):
                        "layers.0.resid_post", "--out", tmp_path / "bad")  # fmt: skip
     assert_one_line_error(code, err, "reads an MLP")
     assert not (tmp_path / "bad").exists()
+
+
+def test_bf16_autocast_trains_fp32_weights_to_about_the_same_loss(model):
+    pairs = site_pairs(model, "transcoder", "layers.1.mlp")
+    runs = {}
+    for bf16 in (False, True):
+        options = TrainOptions(tokens=128 * 40, batch_size=128, lr=3e-3, seed=0, bf16=bf16)
+        (trained,) = train(_source(model, pairs), _configs(model, "transcoder", "topk", pairs), options, progress=False)
+        x, y = next(_source(model, pairs, batch_size=512, seed=5))
+        with torch.no_grad():
+            runs[bf16] = (trained, dictionary_loss(trained, x, y, options, torch.zeros(1, 64, dtype=torch.bool))[1])
+    assert runs[True][0].W_enc.dtype == torch.float32  # autocast leaves the master weights in fp32
+    assert not torch.equal(runs[True][0].W_enc, runs[False][0].W_enc)  # the matmuls did run in bf16
+    assert runs[True][1]["fvu"] < 1.15 * runs[False][1]["fvu"]

@@ -554,6 +554,7 @@ def train_command(
     seed: Annotated[int, typer.Option()] = 0,
     context_length: Annotated[int, typer.Option(min=2, help="tokens per streamed window")] = 128,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="steps between checkpoints (0: at the end)")] = 100,
+    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast for the model and dictionary matmuls (weights stay fp32)")] = False,
 ) -> None:
     """Train SAEs or transcoders (per layer, skip, or cross-layer) on the model's activations. Checkpoints go to
     .OUT.checkpoint beside OUT; the same command resumes from there after a kill."""
@@ -566,7 +567,7 @@ def train_command(
     if cube is not None and corpus != "sample":
         raise BadInputError("give --cube or --corpus, not both")
     options = TrainOptions(tokens=tokens, batch_size=batch_size, lr=lr, l1=l1, l0=l0, seed=seed,
-                           checkpoint_every=checkpoint_every)  # fmt: skip
+                           checkpoint_every=checkpoint_every, bf16=bf16)  # fmt: skip
     loaded = load_model(model)
     cube_obj = None
     if cube is not None:

@@ -30,7 +30,7 @@ RECIPES: dict[str, dict] = {
         "k": 16,
         "corpus": "sample",
         "context_length": 128,
-        "options": TrainOptions(tokens=131_072, batch_size=512, lr=2e-3, seed=0, checkpoint_every=32),
+        "options": TrainOptions(tokens=131_072, batch_size=512, lr=2e-3, seed=0, checkpoint_every=32, bf16=True),
     },
 }
 

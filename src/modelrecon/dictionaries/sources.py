@@ -85,9 +85,9 @@ class CubeSource:
 class StreamSource:
     """Batches from the model run on a text stream, all layers' sites recorded in one forward pass.
 
-    Windows of tokens are run `model_batch` at a time into a shuffle buffer of at most `buffer_bytes`. Once full,
-    the buffer is permuted and its first half served in batches; then that half is refilled with new activations
-    and the whole buffer permuted again. Memory stays bounded and each batch mixes many documents. `windows` makes
+    Windows of tokens are run `model_batch` at a time into a shuffle buffer of at most `buffer_bytes`. Batches are
+    gathered from the buffer in a random order; once half of it has been served, the served rows are refilled with
+    new activations and a new order is drawn (only the rows a batch takes are copied, never the whole buffer). Memory stays bounded and each batch mixes many documents. `windows` makes
     a fresh iterator of token windows: when one runs out, the next epoch starts. The first token of each window
     (often a BOS: an attention sink with outsized activations) is left out.
     """
@@ -105,6 +105,7 @@ class StreamSource:
         self.windows, self.windows_used, self.epochs = windows(), 0, 0
         self.buffer: tuple[torch.Tensor, torch.Tensor] | None = None
         self.carry: tuple[torch.Tensor, torch.Tensor] | None = None  # activations made beyond the last fill
+        self.order: torch.Tensor | None = None  # the buffer rows in serving order
         self.served = 0
 
     def _next_windows(self) -> list[list[int]]:
@@ -130,28 +131,36 @@ class StreamSource:
         batch = self.model.batch_from_ids(chunk)
         with torch.no_grad(), hooked(self.model, batch, record=sites, dtype=torch.float32) as trace:
             self.model.forward(batch, logits=False)  # no unembedding: training needs none
-        acts = trace.acts
-        x = torch.cat([torch.stack([acts[s][i][1:] for s in self.input_sites], 1) for i in range(len(chunk))])
-        y = torch.cat([torch.stack([acts[s][i][1:] for s in self.output_sites], 1) for i in range(len(chunk))])
+        x, y = (self._tokens_by_layer(trace.acts, group) for group in (self.input_sites, self.output_sites))
         return x, y
 
-    def _fresh(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """n new tokens' activations (the surplus of the last model batch first)."""
-        xs, ys, have = [], [], 0
-        while have < n:
+    @staticmethod
+    def _tokens_by_layer(acts: dict[str, list[torch.Tensor]], sites: list[str]) -> torch.Tensor:
+        """`[tokens, layer, d]` from per-prompt recordings, each prompt's first token left out."""
+        prompts = acts[sites[0]]
+        out = torch.empty(sum(len(p) - 1 for p in prompts), len(sites), prompts[0].shape[-1])
+        for j, site in enumerate(sites):
+            start = 0
+            for prompt in acts[site]:
+                out[start : start + len(prompt) - 1, j] = prompt[1:]
+                start += len(prompt) - 1
+        return out
+
+    def _fill(self, rows: torch.Tensor) -> None:
+        """New activations into the buffer's `rows` (the surplus of the last model batch first)."""
+        have = 0
+        while have < len(rows):
             x, y = self.carry if self.carry is not None else self._activations()
             self.carry = None
-            take = min(len(x), n - have)
-            xs.append(x[:take])
-            ys.append(y[:take])
+            take = min(len(x), len(rows) - have)
+            self.buffer[0][rows[have : have + take]] = x[:take]
+            self.buffer[1][rows[have : have + take]] = y[:take]
             if take < len(x):
                 self.carry = (x[take:].clone(), y[take:].clone())
             have += take
-        return torch.cat(xs), torch.cat(ys)
 
-    def _permute(self) -> None:
-        order = torch.randperm(self.buffer_tokens, generator=self.generator)
-        self.buffer = (self.buffer[0][order], self.buffer[1][order])
+    def _shuffle(self) -> None:
+        self.order = torch.randperm(self.buffer_tokens, generator=self.generator)
         self.served = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -159,23 +168,23 @@ class StreamSource:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.buffer is None:
-            self.buffer = self._fresh(self.buffer_tokens)
-            self._permute()
+            x, y = self.carry = self._activations()
+            self.buffer = (x.new_empty(self.buffer_tokens, *x.shape[1:]), y.new_empty(self.buffer_tokens, *y.shape[1:]))
+            self._fill(torch.arange(self.buffer_tokens))
+            self._shuffle()
         elif self.served + self.batch_size > self.half:
-            x, y = self._fresh(self.served)
-            self.buffer[0][: self.served] = x
-            self.buffer[1][: self.served] = y
-            self._permute()
-        rows = slice(self.served, self.served + self.batch_size)
+            self._fill(self.order[: self.served])
+            self._shuffle()
+        rows = self.order[self.served : self.served + self.batch_size]
         self.served += self.batch_size
-        return self.buffer[0][rows].clone(), self.buffer[1][rows].clone()
+        return self.buffer[0][rows], self.buffer[1][rows]
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         meta = {"windows_used": self.windows_used, "served": self.served,
                 "generator": self.generator.get_state().tolist()}  # fmt: skip
         tensors = {}
         if self.buffer is not None:
-            tensors |= {"buffer_x": self.buffer[0], "buffer_y": self.buffer[1]}
+            tensors |= {"buffer_x": self.buffer[0], "buffer_y": self.buffer[1], "order": self.order}
         if self.carry is not None:
             tensors |= {"carry_x": self.carry[0], "carry_y": self.carry[1]}
         return meta, tensors
@@ -191,4 +200,5 @@ class StreamSource:
         self.generator.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
         self.served = meta["served"]
         self.buffer = (tensors["buffer_x"], tensors["buffer_y"]) if "buffer_x" in tensors else None
+        self.order = tensors.get("order")
         self.carry = (tensors["carry_x"], tensors["carry_y"]) if "carry_x" in tensors else None

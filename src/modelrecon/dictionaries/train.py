@@ -44,6 +44,7 @@ class TrainOptions:
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0: only at the end
     decay_fraction: float = 0.2  # the learning rate decays linearly to 0 over this last part of the run
+    bf16: bool = False  # bfloat16 autocast for the streamed forward and the dictionaries (3-5x faster with AMX / GPUs)
 
     @property
     def steps(self) -> int:
@@ -132,7 +133,8 @@ def train(
         for d, rows in zip(dictionaries, slices, strict=True):
             d.initialise(first[0][:, rows], first[1][:, rows], seed=options.seed)
     dead_after = options.dead_after()
-    with token_progress(options.steps * options.batch_size, done=state.step * options.batch_size, enabled=progress,
+    fast = torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=options.bf16)
+    with fast, token_progress(options.steps * options.batch_size, done=state.step * options.batch_size, enabled=progress,
                         label="train", unit="tokens", rate_unit="tok") as advance:  # fmt: skip
         while state.step < options.steps:
             x, y = first if first is not None else next(source)
