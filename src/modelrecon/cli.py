@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from modelrecon.cli_common import ModelOption, load_model, stdout
-from modelrecon.errors import ModelreconError
+from modelrecon.errors import BadInputError, ModelreconError
 from modelrecon.models.embedded import DEFAULT_MODEL, EMBEDDED
 
 app = typer.Typer(
@@ -89,7 +89,6 @@ def capture(
     """Record sites on prompts into an activation cube; re-run the same command to resume after an interruption."""
     from modelrecon.cube.capture import capture as capture_cube
     from modelrecon.cube.prompts import read_prompts
-    from modelrecon.errors import BadInputError
 
     if (text is None) == (prompts is None):
         raise BadInputError("give either --text TEXT (repeatable) or --prompts FILE")
@@ -212,7 +211,6 @@ SweepOption = Annotated[
 
 def _check_sweep(sweep: str) -> None:
     from modelrecon.counterfactual.sweep import SWEEPS
-    from modelrecon.errors import BadInputError
 
     if sweep not in SWEEPS:
         raise BadInputError(f"unknown --sweep {sweep!r}; use one of {', '.join(SWEEPS)}")
@@ -221,7 +219,6 @@ def _check_sweep(sweep: str) -> None:
 def _pair_list(pairs: str | None, clean, corrupt, answer, wrong) -> list:
     """The pairs from --pairs, or the one pair given by --clean --corrupt --answer --wrong."""
     from modelrecon.counterfactual.pairs import pair_from_dict, read_pairs
-    from modelrecon.errors import BadInputError
 
     one = {"clean": clean, "counterfactual": corrupt, "answer": answer, "wrong": wrong}
     given = {k for k, v in one.items() if v is not None}
@@ -265,7 +262,6 @@ def patch(
     from modelrecon.counterfactual.html import write_sweep_html
     from modelrecon.counterfactual.sweep import DIRECTIONS, HEAD_SWEEPS, path_patch
     from modelrecon.counterfactual.sweep import sweep as run_sweep
-    from modelrecon.errors import BadInputError
     from modelrecon.files import write_text_atomic
 
     _check_sweep(sweep)
@@ -316,7 +312,6 @@ def experiment(
     from modelrecon.counterfactual.experiment import experiment as run_experiment
     from modelrecon.counterfactual.interventions import components_from_json
     from modelrecon.counterfactual.pairs import read_pairs
-    from modelrecon.errors import BadInputError
     from modelrecon.files import write_text_atomic
 
     if not components.is_file():
@@ -408,7 +403,6 @@ def attribute(
     attribution patching (nodes: atp, atp-ig, atp-gd; edges: eap, eap-ig)."""
     from modelrecon.attribution.edges import EDGE_METHODS
     from modelrecon.attribution.patching import METHODS
-    from modelrecon.errors import BadInputError
     from modelrecon.files import write_text_atomic
 
     known = (*PROMPT_METHODS, *METHODS, *EDGE_METHODS)
@@ -497,7 +491,6 @@ def verify(
     from modelrecon.attribution.html import write_verify_html
     from modelrecon.attribution.patching import METHODS, attribution_patching
     from modelrecon.counterfactual.sweep import sweep as run_sweep
-    from modelrecon.errors import BadInputError
     from modelrecon.files import write_text_atomic
 
     _check_sweep(sweep)
@@ -554,7 +547,9 @@ def train_command(
     seed: Annotated[int, typer.Option()] = 0,
     context_length: Annotated[int, typer.Option(min=2, help="tokens per streamed window")] = 128,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="steps between checkpoints (0: at the end)")] = 100,
-    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast for the model and dictionary matmuls (weights stay fp32)")] = False,
+    bf16: Annotated[
+        bool, typer.Option(help="bfloat16 autocast for the model and dictionary matmuls (weights stay fp32)")
+    ] = False,
 ) -> None:
     """Train SAEs or transcoders (per layer, skip, or cross-layer) on the model's activations. Checkpoints go to
     .OUT.checkpoint beside OUT; the same command resumes from there after a kill."""
@@ -562,7 +557,6 @@ def train_command(
 
     from modelrecon.dictionaries.formats import save_dictionaries
     from modelrecon.dictionaries.train import TrainOptions, train_on_model
-    from modelrecon.errors import BadInputError
 
     if cube is not None and corpus != "sample":
         raise BadInputError("give --cube or --corpus, not both")
@@ -603,26 +597,51 @@ def trace(
     transcoders: Annotated[str, typer.Option(help="a transcoder folder (modelrecon or circuit-tracer), or default")] = (
         "default"
     ),
+    level: Annotated[
+        str,
+        typer.Option(
+            help="features (transcoders), components (heads and MLPs, EAP-IG), or auto: features when transcoders exist"
+        ),
+    ] = "auto",  # fmt: skip
     target: Annotated[str | None, typer.Option(help="one target token (default: the top logits to 95%)")] = None,
     wrong: Annotated[str | None, typer.Option(help="with --target: trace logit(target) - logit(wrong)")] = None,
+    counterfactual: Annotated[
+        str | None, typer.Option(help="components: the baseline prompt (same length; default: the blank prompt)")
+    ] = None,  # fmt: skip
     max_features: Annotated[int, typer.Option("--max-features", min=1, help="feature rows to compute")] = 1000,
-    check_features: Annotated[int, typer.Option(min=1, help="features ablated by the causal check")] = 10,
+    check_features: Annotated[int, typer.Option(min=1, help="nodes ablated by the causal check")] = 10,
     batch_size: Annotated[int, typer.Option(min=1, help="targets per backward pass")] = 32,
 ) -> None:
-    """Attribution graph of PROMPT: input tokens -> transcoder features -> output, pruned, with its strongest paths
-    and a causal check (the graph's top features ablated against as many random ones)."""
-    from modelrecon.circuits.attribute import attribute
-    from modelrecon.circuits.check import causal_check, strongest_paths
+    """Attribution graph of PROMPT: input tokens -> transcoder features (or heads and MLPs) -> output, pruned, with
+    its strongest paths and a causal check (the graph's top nodes ablated against as many random ones)."""
+    from modelrecon.circuits.check import strongest_paths
     from modelrecon.circuits.graph_file import save_graph
     from modelrecon.circuits.prune import prune_graph
-    from modelrecon.circuits.replacement import ReplacementModel
+    from modelrecon.dictionaries.defaults import default_transcoders_folder
 
+    if level not in ("auto", "features", "components"):
+        raise BadInputError(f"--level must be auto, features or components, not {level!r}")
     loaded = load_model(model)
-    dictionaries = _transcoder_set(loaded, transcoders)
-    rm = ReplacementModel(loaded, dictionaries)
-    graph = attribute(loaded, prompt, rm, target=target, wrong=wrong, max_feature_nodes=max_features,
-                      batch_size=batch_size)  # fmt: skip
-    check = causal_check(rm, rm.clean(graph.token_ids), graph, n_features=check_features)
+    if level == "auto":
+        has_transcoders = transcoders != "default" or default_transcoders_folder(loaded) is not None
+        level = "features" if has_transcoders else "components"
+        if level == "components":
+            stdout.print(f"{loaded.name} has no default transcoders: tracing heads and MLPs (EAP-IG); pass "
+                         "--transcoders DIR for a feature graph", markup=False)  # fmt: skip
+    if level == "components":
+        from modelrecon.circuits.components import component_check, component_graph
+
+        graph = component_graph(loaded, prompt, target=target, wrong=wrong, counterfactual=counterfactual)
+        check = component_check(loaded, graph, n_components=min(check_features, loaded.n_layers))
+    else:
+        from modelrecon.circuits.attribute import attribute
+        from modelrecon.circuits.check import causal_check
+        from modelrecon.circuits.replacement import ReplacementModel
+
+        rm = ReplacementModel(loaded, _transcoder_set(loaded, transcoders))
+        graph = attribute(loaded, prompt, rm, target=target, wrong=wrong, max_feature_nodes=max_features,
+                          batch_size=batch_size)  # fmt: skip
+        check = causal_check(rm, rm.clean(graph.token_ids), graph, n_features=check_features)
     pruned = prune_graph(graph)
     pruned.metadata["causal_check"] = check.to_dict()
     out.mkdir(parents=True, exist_ok=True)
@@ -632,12 +651,7 @@ def trace(
     for i, p in enumerate(strongest_paths(graph), 1):
         steps = " -> ".join(f"{_node_label(graph.nodes[n])} ({w:+.2f})" for n, w in p)
         stdout.print(f"path {i}: {steps} -> logit {graph.nodes[graph.logit_nodes()[0]].token!r}", markup=False)
-    stdout.print(
-        f"causal check: ablating the graph's top {check.n_features} features changes the {check.target!r} logit by "
-        f"{check.top_change:+.3f}; {check.n_features} random active features: {check.random_mean:+.3f} "
-        f"(mean of {len(check.random_changes)} draws)",
-        markup=False,
-    )
+    stdout.print(check.summary(), markup=False)
     stdout.print(f"wrote {path}", markup=False)
 
 
@@ -658,6 +672,10 @@ def _node_label(node) -> str:
         return f"L{node.layer}/F{node.feature}@{node.token!r}"
     if node.kind == "error":
         return f"error L{node.layer}@{node.token!r}"
+    if node.kind == "head":
+        return f"L{node.layer}.H{node.feature}"
+    if node.kind == "mlp":
+        return f"L{node.layer}.MLP"
     return repr(node.token)
 
 

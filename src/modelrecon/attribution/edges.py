@@ -151,24 +151,24 @@ def _check(method: str, direction: str, metric: str, level: str):
     return check_options(method, EDGE_METHODS, direction, metric)
 
 
-def edge_attribution(
-    model: Model,
-    pairs: list[Pair],
-    *,
-    method: str = "eap",
-    direction: str = "denoise",
-    metric: str = "logit_diff",
-    steps: int = 16,
-    level: str = "head",
-) -> EdgeResult:
-    """Edge attribution patching (EAP) between heads and MLPs; `eap-ig` averages each receiver's gradient along the
-    straight path from the base run's input embeddings to the source run's, in `steps` points (Hanna et al. 2024)."""
-    metric_name, fn = _check(method, direction, metric, level)
-    tokens = tokenize_pairs(model, pairs)
+@dataclass
+class EdgeScores:
+    """Raw EAP scores, mean over pairs: `scores[sender, receiver]` (NaN where the sender writes after the receiver
+    reads), `embedding[position, receiver]` (the embedding sender's row split by token position) and `span` (the
+    metric's mean source - base difference)."""
+
+    scores: torch.Tensor
+    embedding: torch.Tensor
+    span: float
+
+
+def edge_scores(model: Model, tokens: Sequence[PairTokens], method: str, direction: str, fn, steps: int) -> EdgeScores:
+    """EAP (`method="eap"`) or EAP-IG scores of every head-level edge for tokenised pairs (`edge_attribution`)."""
     send, recv = senders(model), receivers(model)
     valid = torch.tensor([[s.writes_at < r.reads_at for r in recv] for s in send])
     base, source = ("counterfactual", "clean") if direction == "denoise" else ("clean", "counterfactual")
     total = torch.zeros(len(send), len(recv), dtype=torch.float64)
+    embedding = torch.zeros(tokens[0].length, len(recv), dtype=torch.float64)
     spans = []
     for j, pair in enumerate(tokens):
         clean_logits, clean_acts = run_pairs(model, tokens, "clean", _sender_sites(model), items=[j])
@@ -180,11 +180,31 @@ def edge_attribution(
         grads = receiver_grads(model, getattr(pair, base), getattr(pair, source), item, fn,
                                steps if method == "eap-ig" else 0)  # fmt: skip
         total += torch.einsum("spd,rpd->sr", delta.double(), grads.double())
-    scores = (total / len(tokens)).where(valid, torch.nan)
-    names = ([s.name for s in send], [r.name for r in recv])
+        if pair.length == len(embedding):
+            embedding += torch.einsum("pd,rpd->pr", delta[0].double(), grads.double())
+    n = len(tokens)
+    return EdgeScores((total / n).where(valid, torch.nan), embedding / n, float(np.mean(spans)))
+
+
+def edge_attribution(
+    model: Model,
+    pairs: list[Pair | PairTokens],
+    *,
+    method: str = "eap",
+    direction: str = "denoise",
+    metric: str = "logit_diff",
+    steps: int = 16,
+    level: str = "head",
+) -> EdgeResult:
+    """Edge attribution patching (EAP) between heads and MLPs; `eap-ig` averages each receiver's gradient along the
+    straight path from the base run's input embeddings to the source run's, in `steps` points (Hanna et al. 2024)."""
+    metric_name, fn = _check(method, direction, metric, level)
+    raw = edge_scores(model, tokenize_pairs(model, pairs), method, direction, fn, steps)
+    scores = raw.scores
+    names = ([s.name for s in senders(model)], [r.name for r in receivers(model)])
     if level == "component":
         scores, names = _components(scores, names)
-    span = float(np.mean(spans))
+    span = raw.span
     edges = [
         {"upstream": up, "downstream": down, "score": float(value), "effect": float(value) / span if span else None}
         for up, row in zip(names[0], scores, strict=True)

@@ -37,13 +37,14 @@ METHODS = ("atp", "atp-ig", "atp-gd", "atpstar")
 DIFFERENTIABLE = ("logit_diff", "logprob", "prob", "kl")
 
 
-def check_options(method: str, methods: tuple[str, ...], direction: str, metric: str):
-    """Validate the options (before any model work) and return the metric's (name, function)."""
+def check_options(method: str, methods: tuple[str, ...], direction: str, metric):
+    """Validate the options (before any model work) and return the metric's (name, function). A callable metric
+    `fn(logits, item) -> scalar` is taken as given (it must be differentiable)."""
     if method not in methods:
         raise BadInputError(f"unknown method {method!r}; use one of {', '.join(methods)}")
     if direction not in DIRECTIONS:
         raise BadInputError(f"direction must be 'denoise' or 'noise', not {direction!r}")
-    if metric not in DIFFERENTIABLE:
+    if not callable(metric) and metric not in DIFFERENTIABLE:
         raise BadInputError(f"metric {metric!r} is not differentiable; use one of {', '.join(DIFFERENTIABLE)}")
     return item_metric(metric)
 

@@ -31,18 +31,29 @@ def strongest_paths(graph: Graph, n: int = 3, max_length: int = 12) -> list[list
 
 @dataclass
 class CausalCheck:
+    """The graph's top nodes ablated (features zeroed, or components patched to the baseline) against random sets of
+    as many nodes of the same kind; `measure` names what moved."""
+
     target: str
-    n_features: int
-    top_change: float  # the target logit's change when the graph's top features are ablated (total effects)
-    random_changes: list[float]  # the same for random sets of active features of the same size
+    what: str  # "features" | "components"
+    count: int
+    measure: str
+    top_change: float  # the measure's change when the graph's top nodes are ablated (total effects)
+    random_changes: list[float]  # the same for random sets of the same size
 
     @property
     def random_mean(self) -> float:
         return sum(self.random_changes) / len(self.random_changes)
 
     def to_dict(self) -> dict:
-        return {"target": self.target, "n_features": self.n_features, "top_change": self.top_change,
-                "random_changes": self.random_changes, "random_mean": self.random_mean}  # fmt: skip
+        return {"target": self.target, "what": self.what, "count": self.count, "measure": self.measure,
+                "top_change": self.top_change, "random_changes": self.random_changes,
+                "random_mean": self.random_mean}  # fmt: skip
+
+    def summary(self) -> str:
+        return (f"causal check: ablating the graph's top {self.count} {self.what} changes the {self.measure} by "
+                f"{self.top_change:+.3f}; {self.count} random {self.what}: {self.random_mean:+.3f} "
+                f"(mean of {len(self.random_changes)} draws)")  # fmt: skip
 
 
 def causal_check(rm: ReplacementModel, clean: CleanRun, graph: Graph, n_features: int = 10, draws: int = 5,
@@ -69,4 +80,5 @@ def causal_check(rm: ReplacementModel, clean: CleanRun, graph: Graph, n_features
     for _ in range(draws):
         pick = torch.randperm(len(active), generator=generator)[: len(top)].tolist()
         randoms.append(change([active[i] for i in pick]))
-    return CausalCheck(graph.nodes[logit].token, len(top), top_change, randoms)
+    token_text = graph.nodes[logit].token
+    return CausalCheck(token_text, "features", len(top), f"{token_text!r} logit", top_change, randoms)

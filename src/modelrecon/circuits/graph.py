@@ -1,5 +1,7 @@
 """The attribution graph: nodes (token embeddings, transcoder features, error terms, logits) and the direct effects
-between them, kept sparse (edge lists), never a dense nodes x nodes matrix.
+between them, kept sparse (edge lists), never a dense nodes x nodes matrix. A component-level graph (no transcoders)
+has attention heads and MLPs as nodes instead of features and errors, and EAP-IG edge scores as weights
+(`circuits.components`).
 
 An edge `source -> target` with weight w means: in the replacement model (attention patterns and norm scales frozen,
 every MLP replaced by its transcoder plus a frozen error term), the source's contribution moves the target's input
@@ -13,27 +15,32 @@ from dataclasses import dataclass, field
 
 import torch
 
-NODE_KINDS = ("embedding", "feature", "error", "logit")
+NODE_KINDS = ("embedding", "feature", "error", "logit", "head", "mlp")
 
 
 @dataclass(frozen=True)
 class Node:
     kind: str  # one of NODE_KINDS
-    position: int  # the token position (logits: the position they are predicted at, the last)
-    layer: int | None = None  # features and errors: the transcoder's layer
-    feature: int | None = None  # features: the latent index; embeddings and logits: the token id
+    position: int | None  # the token position (logits: the last); None for heads and MLPs, which span all positions
+    layer: int | None = None  # features and errors: the transcoder's layer; heads and MLPs: theirs
+    feature: int | None = None  # features: the latent index; embeddings and logits: the token id; heads: the head
     activation: float | None = None  # features: the activation; logits: the probability
     token: str | None = None  # embeddings: the token at `position`; logits: the predicted token
 
     @property
     def id(self) -> str:
-        """Collision-free across kinds: `emb:P:TOKEN_ID`, `feat:L:F:P`, `err:L:P`, `logit:P:TOKEN_ID`."""
+        """Collision-free across kinds: `emb:P:TOKEN_ID`, `feat:L:F:P`, `err:L:P`, `logit:P:TOKEN_ID`, `head:L:H`,
+        `mlp:L`."""
         if self.kind == "embedding":
             return f"emb:{self.position}:{self.feature}"
         if self.kind == "feature":
             return f"feat:{self.layer}:{self.feature}:{self.position}"
         if self.kind == "error":
             return f"err:{self.layer}:{self.position}"
+        if self.kind == "head":
+            return f"head:{self.layer}:{self.feature}"
+        if self.kind == "mlp":
+            return f"mlp:{self.layer}"
         return f"logit:{self.position}:{self.feature}"
 
 

@@ -6,7 +6,8 @@ parses them, and are collision-free across kinds:
 
 - feature `{layer}_{latent}_{pos}`; error `{layer}_-1_{pos}` (circuit-tracer's fixed form; older versions wrote
   `0_{layer}_{pos}`, which collides with layer-0 features); embedding `E_{token_id}_{pos}`; logit
-  `{n_layers + 1}_{token_id}_{pos}` (no feature layer reaches n_layers + 1).
+  `{n_layers + 1}_{token_id}_{pos}` (no feature layer reaches n_layers + 1);
+- component graphs: attention head `{layer}_H{head}`, MLP `{layer}_M` (no position: `ctx_idx` is null).
 
 Files are untrusted input: `load_graph` reads JSON only and checks every field it uses.
 """
@@ -33,7 +34,10 @@ FEATURE_TYPES = {
     "error": "mlp reconstruction error",
     "embedding": "embedding",
     "logit": "logit",
+    "head": "attention head",
+    "mlp": "mlp",
 }
+_LAYERED = ("feature", "error", "head", "mlp")
 KINDS = {v: k for k, v in FEATURE_TYPES.items()}
 
 
@@ -45,7 +49,7 @@ def _cantor(x: int, y: int) -> int:
 def n_layers_of(graph: Graph) -> int:
     """The model's layer count: `metadata["n_layers"]` when the attribution recorded it, else (or when that is too
     small) the highest feature or error layer + 1."""
-    layers = [n.layer for n in graph.nodes if n.kind in ("feature", "error") and n.layer is not None]
+    layers = [n.layer for n in graph.nodes if n.kind in _LAYERED and n.layer is not None]
     seen = max(layers) + 1 if layers else 0
     recorded = graph.metadata.get("n_layers")
     return max(recorded, seen) if isinstance(recorded, int) and not isinstance(recorded, bool) else seen
@@ -59,6 +63,10 @@ def node_json_id(node: Node, n_layers: int) -> str:
         return f"{node.layer}_-1_{node.position}"
     if node.kind == "embedding":
         return f"E_{node.feature}_{node.position}"
+    if node.kind == "head":
+        return f"{node.layer}_H{node.feature}"
+    if node.kind == "mlp":
+        return f"{node.layer}_M"
     return f"{n_layers + 1}_{node.feature}_{node.position}"
 
 
@@ -72,6 +80,10 @@ def _node_json(node: Node, n_layers: int, influence: float | None, target_logit:
         fields = {"feature": -1, "layer": str(node.layer), "jsNodeId": f"{node.layer}_-1-{pos}", "clerp": ""}
     elif node.kind == "embedding":
         fields = {"feature": pos, "layer": "E", "jsNodeId": f"E_{node.feature}-{pos}", "clerp": ""}
+    elif node.kind in ("head", "mlp"):
+        label = f"L{node.layer}.H{node.feature}" if node.kind == "head" else f"L{node.layer}.MLP"
+        fields = {"feature": -1 if node.feature is None else node.feature, "layer": str(node.layer),
+                  "jsNodeId": node_json_id(node, n_layers), "clerp": label}  # fmt: skip
     else:
         prob = node.activation if node.activation is not None else 0.0
         fields = {"feature": node.feature, "layer": str(n_layers + 1), "jsNodeId": f"L_{node.feature}-{pos}",
@@ -192,18 +204,19 @@ def _node_from_json(item, path, where: str) -> Node:
     if feature_type not in KINDS:
         raise _bad(path, f"{where}.feature_type '{feature_type[:40]}' is not one of {sorted(KINDS)}")
     kind = KINDS[feature_type]
-    position = _get(item, "ctx_idx", int, path, where)
-    if position < 0:
+    spans_all = kind in ("head", "mlp")  # component nodes have no position
+    position = None if spans_all else _get(item, "ctx_idx", int, path, where)
+    if position is not None and position < 0:
         raise _bad(path, f"{where}.ctx_idx is negative")
     layer = _get(item, "mr_layer", int, path, where, optional=True)
     index = _get(item, "mr_index", int, path, where, optional=True)
-    if kind in ("feature", "error") and (layer is None or layer < 0):
+    if kind in _LAYERED and (layer is None or layer < 0):
         raise _bad(path, f"{where} ({kind}) needs a layer >= 0 in 'mr_layer'")
-    if kind != "error" and (index is None or index < 0):
+    if kind not in ("error", "mlp") and (index is None or index < 0):
         raise _bad(path, f"{where} ({kind}) needs an index >= 0 in 'mr_index'")
     activation = _get(item, "activation", (int, float), path, where, optional=True)
     token = _get(item, "token", str, path, where, optional=True)
-    node = Node(kind, position, layer if kind in ("feature", "error") else None, index if kind != "error" else None,
+    node = Node(kind, position, layer if kind in _LAYERED else None, index if kind not in ("error", "mlp") else None,
                 None if activation is None else float(activation), token)  # fmt: skip
     mr_id = _get(item, "mr_id", str, path, where)
     if mr_id != node.id:

@@ -20,7 +20,8 @@ import torch
 
 from modelrecon.circuits.graph import Graph
 
-_PRUNABLE = ("feature", "error")
+_PRUNABLE = ("feature", "error", "head", "mlp")
+_NEEDS_INPUT = ("feature", "head", "mlp")  # dropped when no kept edge reaches them
 
 
 def _logit_weights(graph: Graph) -> torch.Tensor:
@@ -113,13 +114,13 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
 
     1. Nodes: `I = node_influence(graph)`; the node cut-off is the smallest influence among the most influential
        nodes (all kinds, as circuit-tracer) that together hold `node_threshold` of the total. Feature and error nodes
-       below it are dropped; token embeddings and logits are always kept.
+       (heads and MLPs in a component graph) below it are dropped; token embeddings and logits are always kept.
     2. Edges: among the edges between kept nodes, `B` and `I` are recomputed on that subgraph and each edge scored
        `B[t, s] * (I[t] + w[t])`; the highest-scoring edges holding `edge_threshold` of the total are kept (edges
        scoring 0 never are).
-    3. Orphans, repeated until nothing changes: a feature or error node with no kept outgoing edge, or a feature node
-       with no kept incoming edge, is dropped with its edges. In a DAG this leaves every kept feature and error node
-       with a path to a logit.
+    3. Orphans, repeated until nothing changes: a feature, error, head or MLP node with no kept outgoing edge, or a
+       feature, head or MLP node with no kept incoming edge, is dropped with its edges. In a DAG this leaves every
+       kept node with a path to a logit.
 
     Returns a new Graph (nodes in their original order, edges re-indexed); its metadata is the input's plus
     `pruning` (thresholds, node and edge counts before/after, both graphs' scores) and `cumulative_influence`
@@ -133,7 +134,7 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     influence = node_influence(graph)
 
     prunable = torch.tensor([node.kind in _PRUNABLE for node in graph.nodes], dtype=torch.bool)
-    is_feature = torch.tensor([node.kind == "feature" for node in graph.nodes], dtype=torch.bool)
+    is_feature = torch.tensor([node.kind in _NEEDS_INPUT for node in graph.nodes], dtype=torch.bool)
     keep = ~prunable | (influence >= _threshold(influence, node_threshold))
 
     between = keep[sources] & keep[targets]

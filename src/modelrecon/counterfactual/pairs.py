@@ -82,12 +82,16 @@ def pair_from_dict(data: object, where: str = "pair") -> Pair:
     return Pair(*(data[f] for f in FIELDS))
 
 
-def tokenize_pairs(model: Model, pairs: Sequence[Pair]) -> list[PairTokens]:
-    """Token ids of every pair. Rejects pairs whose prompts differ in length and answers that are not one token."""
+def tokenize_pairs(model: Model, pairs: Sequence[Pair | PairTokens]) -> list[PairTokens]:
+    """Token ids of every pair (pairs already tokenised pass through). Rejects pairs whose prompts differ in length
+    and answers that are not one token."""
     if not pairs:
         raise BadInputError("no pairs given; give at least one (clean, counterfactual, answer, wrong) pair")
     out = []
     for number, pair in enumerate(pairs):
+        if isinstance(pair, PairTokens) and len(pair.clean) == len(pair.counterfactual):
+            out.append(pair)
+            continue
         if not isinstance(pair, Pair):
             raise BadInputError(f"pair {number} is {type(pair).__name__}, not a Pair")
         clean, counterfactual = model.encode(pair.clean), model.encode(pair.counterfactual)

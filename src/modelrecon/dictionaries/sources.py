@@ -87,7 +87,8 @@ class StreamSource:
 
     Windows of tokens are run `model_batch` at a time into a shuffle buffer of at most `buffer_bytes`. Batches are
     gathered from the buffer in a random order; once half of it has been served, the served rows are refilled with
-    new activations and a new order is drawn (only the rows a batch takes are copied, never the whole buffer). Memory stays bounded and each batch mixes many documents. `windows` makes
+    new activations and a new order is drawn (only the rows a batch takes are copied, never the whole buffer).
+    Memory stays bounded and each batch mixes many documents. `windows` makes
     a fresh iterator of token windows: when one runs out, the next epoch starts. The first token of each window
     (often a BOS: an attention sink with outsized activations) is left out.
     """

@@ -134,8 +134,9 @@ def train(
             d.initialise(first[0][:, rows], first[1][:, rows], seed=options.seed)
     dead_after = options.dead_after()
     fast = torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=options.bf16)
-    with fast, token_progress(options.steps * options.batch_size, done=state.step * options.batch_size, enabled=progress,
-                        label="train", unit="tokens", rate_unit="tok") as advance:  # fmt: skip
+    bar = token_progress(options.steps * options.batch_size, done=state.step * options.batch_size, enabled=progress,
+                         label="train", unit="tokens", rate_unit="tok")  # fmt: skip
+    with fast, bar as advance:
         while state.step < options.steps:
             x, y = first if first is not None else next(source)
             first = None
