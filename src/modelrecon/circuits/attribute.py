@@ -63,11 +63,36 @@ def _special(model: Model) -> set[int]:
     return set(getattr(model.tokenizer, "all_special_ids", []) or [])
 
 
-def _scalar(target: Target, logits: torch.Tensor, mlp_in: list[torch.Tensor], rm: ReplacementModel, row: int):
-    if target.kind == "logit":
-        baseline = logits[row].mean() if target.wrong is None else logits[row, target.wrong]
-        return logits[row, target.token] - baseline
-    return mlp_in[target.layer][row, target.position] @ rm.encoder_vector(target.layer, target.feature)
+def _seeds(targets: list[Target], logits: torch.Tensor, mlp_in: list[torch.Tensor], rm: ReplacementModel):
+    """(outputs, gradient seeds) whose backward pass gives every target row its own gradient: a logit row seeds
+    `d(logit - mean logit)` (or `- wrong logit`) on the logits, a feature row its encoder vector on its layer's MLP
+    input. Seeding the tensors directly (rather than summing selected scalars) keeps the backward pass from building
+    a full-size zero gradient per row."""
+    outputs, seeds = [], []
+    logit_seed = torch.zeros_like(logits)
+    by_layer: dict[int, list[tuple[int, int, int]]] = {}
+    for row, t in enumerate(targets):
+        if t.kind == "logit":
+            if t.wrong is None:
+                logit_seed[row] -= 1.0 / logits.shape[-1]
+            else:
+                logit_seed[row, t.wrong] -= 1.0
+            logit_seed[row, t.token] += 1.0
+        else:
+            by_layer.setdefault(t.layer, []).append((row, t.position, t.feature))
+    layer_seeds = {}
+    for layer, picks in by_layer.items():
+        rows, positions, features = torch.tensor(picks).T
+        seed = torch.zeros_like(mlp_in[layer])
+        vectors = rm.encoder_vector(layer, features).T.to(seed.dtype)  # [targets, d]
+        layer_seeds[layer] = seed.index_put_((rows, positions), vectors, accumulate=True)
+    if logit_seed.any():
+        outputs.append(logits)
+        seeds.append(logit_seed)
+    for layer, seed in layer_seeds.items():
+        outputs.append(mlp_in[layer])
+        seeds.append(seed)
+    return outputs, seeds
 
 
 class BackwardRows:
@@ -93,14 +118,16 @@ class BackwardRows:
         numbering (sources at position 0, a BOS or attention sink, are held constant and left out)."""
         rm, clean, leaves = self.rm, self.clean, self.leaves
         with torch.enable_grad():
-            total = sum(_scalar(t, self.logits, leaves["mlp_in"], rm, r) for r, t in enumerate(targets))
+            outputs, seeds = _seeds(targets, self.logits, leaves["mlp_in"], rm)
             inputs = [leaves["embed"], *leaves["features"], *leaves["errors"]]
-            grads = torch.autograd.grad(total, inputs, allow_unused=True, retain_graph=True)
+            grads = torch.autograd.grad(outputs, inputs, seeds, allow_unused=True, retain_graph=True)
         n, rows = rm.n_layers, len(targets)
         pieces = [((grads[0][:rows] * clean.embed).sum(-1), index.embeddings)]  # [rows, pos] effects, [pos] nodes
         for layer in range(n):
             if grads[1 + layer] is not None:
-                pieces.append((grads[1 + layer][:rows] * clean.features[layer], index.features[layer]))
+                positions, latents, nodes = index.active[layer]  # only active features can have an effect
+                pieces.append((grads[1 + layer][:rows, positions, latents] * clean.features[layer][positions, latents],
+                               nodes))  # fmt: skip
             if grads[1 + n + layer] is not None:
                 pieces.append(((grads[1 + n + layer][:rows] * clean.errors[layer]).sum(-1), index.errors[layer]))
         out_rows, out_sources, out_weights = [], [], []
@@ -115,10 +142,11 @@ class BackwardRows:
 
 @dataclass
 class NodeIndex:
-    """Every candidate node of a prompt's graph, numbered: active features (per layer `[pos, width]`, -1 where
-    inactive or at position 0), error nodes (per layer `[pos]`), embeddings `[pos]`, then the logits."""
+    """Every candidate node of a prompt's graph, numbered: active features (per layer, their positions, latents and
+    node numbers; position 0 left out), error nodes (per layer `[pos]`, -1 at position 0), embeddings `[pos]`, then
+    the logits."""
 
-    features: list[torch.Tensor]
+    active: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     errors: list[torch.Tensor]
     embeddings: torch.Tensor
     keys: list[
@@ -136,11 +164,13 @@ class NodeIndex:
             keys.extend(key(*w) for w in where.tolist())
             return out
 
-        features = []
+        active = []
         for layer, acts in enumerate(clean.features):
-            active = acts > 0
-            active[0] = False
-            features.append(number(active, lambda p, f, layer=layer: ("feature", layer, p, f)))
+            mask = acts > 0
+            mask[0] = False
+            numbers = number(mask, lambda p, f, layer=layer: ("feature", layer, p, f))
+            positions, latents = mask.nonzero(as_tuple=True)
+            active.append((positions, latents, numbers[positions, latents]))
         positions = torch.ones(len(clean.ids), dtype=torch.bool)
         errors = []
         for layer in range(len(clean.errors)):
@@ -149,7 +179,7 @@ class NodeIndex:
             errors.append(number(mask, lambda p, layer=layer: ("error", layer, p)))
         embeddings = number(positions, lambda p: ("embedding", p))
         keys.extend(("logit", t) for t in logit_tokens)
-        return cls(features, errors, embeddings, keys)
+        return cls(active, errors, embeddings, keys)
 
     def logit(self, token: int) -> int:
         return self.keys.index(("logit", token))

@@ -102,8 +102,9 @@ class ReplacementModel:
     def dictionaries(self) -> list[Dictionary]:
         return [self.clt] if self.clt is not None else self.transcoders
 
-    def encoder_vector(self, layer: int, feature: int) -> torch.Tensor:
-        """The encoder direction of a feature: its pre-activation is `mlp_in(layer) . this` (+ a bias)."""
+    def encoder_vector(self, layer: int, feature: int | torch.Tensor) -> torch.Tensor:
+        """The encoder direction of a feature: its pre-activation is `mlp_in(layer) . this` (+ a bias). A tensor of
+        features gives their directions as columns `[d, n]`."""
         if self.clt is not None:
             return self.clt.W_enc[layer][:, feature]
         return self.transcoders[layer].W_enc[0][:, feature]
