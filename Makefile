@@ -39,7 +39,7 @@ demo: install
 	@echo "patching sweep: $(DEMO_OUT)/patch.json   heatmap: $(DEMO_OUT)/patch.html"
 	@echo "attribution graph: $(DEMO_OUT)/trace/graph.json (circuit-tracer / Neuronpedia format)"
 
-# The embedded model's default transcoders: trained once (about ten minutes on two cores), then cached.
+# The embedded model's default transcoders: trained once (about 7 minutes on two cores), then cached.
 transcoders: install
 	$(VENV)/bin/modelrecon transcoders
 

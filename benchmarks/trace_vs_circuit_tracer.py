@@ -6,7 +6,8 @@ set so that about `--active` features fire per position and layer) is exported w
 each prompt length (token ids, BOS included) two processes attribute the same prompt with the same node budget:
 modelrecon's `attribute` (this script with `--worker`, the transcoders read back with `import_circuit_tracer`) and
 circuit-tracer 0.5's `attribute` with the nnsight backend (`peers/ct_attribute.py`, in a peer venv). Each warms up
-on 8 tokens, then times one call and records its process's resident high-water mark during it.
+on 8 tokens, then times `--repeats` calls (the median is reported: one call varied up to 3x between runs) and
+records its process's resident high-water mark during the first.
 
 The graphs are compared node by node: circuit-tracer's dense adjacency (rows targets, columns sources; its node
 order: selected features, error nodes layer by layer, token nodes, logit nodes) against modelrecon's edge lists.
@@ -116,15 +117,21 @@ def worker(args: argparse.Namespace) -> None:
     reset_peak_rss()
     start = time.perf_counter()
     graph = attribute(model, prompt, transcoders, max_feature_nodes=args.max_feature_nodes, **kwargs)
-    seconds = time.perf_counter() - start
-    peak = reset_peak_rss()
+    times = [time.perf_counter() - start]
+    peak = reset_peak_rss()  # of the first timed call
+    for _ in range(args.repeats - 1):
+        start = time.perf_counter()
+        attribute(model, prompt, transcoders, max_feature_nodes=args.max_feature_nodes, **kwargs)
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
     keys = [node_key(n) for n in graph.nodes]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"keys": keys, "sources": graph.sources, "targets": graph.targets, "weights": graph.weights,
                 "token_ids": graph.token_ids, "logits": [t["token_id"] for t in graph.metadata["targets"]],
                 "active": graph.metadata["active_features"]}, out / "graph.pt")  # fmt: skip
-    write_json(out, seconds=seconds, rss_before_mib=loaded, peak_rss_mib=peak, threads=torch.get_num_threads(),
+    write_json(out, seconds=seconds, all_seconds=times, rss_before_mib=loaded, peak_rss_mib=peak,
+               threads=torch.get_num_threads(),
                process_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
 
 
@@ -179,7 +186,8 @@ def compare(ours: dict, theirs: dict) -> dict:
 def run_ours(args, work: Path, ids_file: Path, out: Path) -> bool:
     command = [sys.executable, __file__, "--worker", "--model-dir", str(work / "model"), "--transcoders",
                str(work / "transcoders"), "--ids", str(ids_file), "--out", str(out), "--threads", str(args.threads),
-               "--max-feature-nodes", str(args.max_feature_nodes), "--batch-size", str(args.batch_size)]  # fmt: skip
+               "--max-feature-nodes", str(args.max_feature_nodes), "--batch-size", str(args.batch_size),
+               "--repeats", str(args.repeats)]  # fmt: skip
     print(f"[modelrecon] attributing {ids_file.stem} ...", flush=True)
     done = subprocess.run(command, capture_output=True, text=True, env={**__import__("os").environ, **PEER_ENV},
                           timeout=args.timeout)  # fmt: skip
@@ -198,6 +206,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="rows per backward pass, both sides")
     parser.add_argument("--active", type=float, default=6, help="features active per position and layer (target)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per side and length (median reported)")
     parser.add_argument("--keep", type=Path, help="work in this folder (kept) instead of a temporary one")
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -224,12 +233,13 @@ def main() -> int:
             command = [str(args.peer_python), str(HERE / "peers" / "ct_attribute.py"), "--model-dir",
                        str(work / "model"), "--transcoders", str(work / "transcoders"), "--ids", str(ids_file),
                        "--out", str(theirs_out), "--threads", str(args.threads), "--max-feature-nodes",
-                       str(args.max_feature_nodes), "--batch-size", str(args.batch_size)]  # fmt: skip
+                       str(args.max_feature_nodes), "--batch-size", str(args.batch_size),
+                       "--repeats", str(args.repeats)]  # fmt: skip
             ok = run_peer_script("circuit-tracer", command, args.timeout) and ok
             if not ok:
                 return 1
             ours_r, theirs_r = (json.loads((o / "result.json").read_text()) for o in (ours_out, theirs_out))
-            cmp = compare(torch.load(ours_out / "graph.pt"), torch.load(theirs_out / "graph.pt", weights_only=False))
+            cmp = compare(torch.load(ours_out / "graph.pt"), torch.load(theirs_out / "graph.pt", weights_only=True))
             results.append((length, ours_r, theirs_r, cmp))
     versions = results[0][2]["versions"]
     print(f"\ncircuit-tracer {versions['circuit-tracer']} ({results[0][2]['backend']} backend, nnsight "

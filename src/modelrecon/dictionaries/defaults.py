@@ -1,7 +1,7 @@
 """Default transcoders for the embedded models: built once on this machine, then cached.
 
 Committing trained weights for every layer would put tens of megabytes into the repository, so the default set is
-a recipe instead: `default_transcoders(model)` trains it the first time (about ten minutes on two CPU cores, from
+a recipe instead: `default_transcoders(model)` trains it the first time (about 7 minutes on two CPU cores, from
 the shipped sample corpus) and keeps it under the modelrecon cache, keyed by the model's weights and the recipe.
 """
 
