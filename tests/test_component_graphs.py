@@ -44,6 +44,8 @@ def test_component_graph_finds_the_induction_circuit():
     check = component_check(model, graph, n_components=2)
     assert check.top_change == pytest.approx(-span, abs=1e-3)  # both heads patched: the counterfactual's answer
     assert abs(check.random_mean) < abs(check.top_change)
+    # the graph's own prediction (its edges out of the two heads) says the same, and the check says they agree
+    assert check.agrees and check.top_predicted == pytest.approx(-span, rel=0.05)
 
 
 def test_component_graph_sums_the_head_level_edges_it_is_built_from(tmp_path):

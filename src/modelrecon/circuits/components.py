@@ -19,7 +19,7 @@ import torch
 
 from modelrecon.attribution.edges import edge_scores, receivers, senders
 from modelrecon.circuits.attribute import single_token
-from modelrecon.circuits.check import CausalCheck
+from modelrecon.circuits.check import CausalCheck, predicted_change
 from modelrecon.circuits.graph import Graph, Node
 from modelrecon.circuits.prune import node_influence
 from modelrecon.counterfactual.interventions import Patch, run_with
@@ -168,7 +168,9 @@ def component_check(model: Model, graph: Graph, n_components: int = 5, draws: in
 
     clean = patched([])
     generator = torch.Generator().manual_seed(seed)
-    randoms = [patched([components[j] for j in torch.randperm(len(components), generator=generator)[: len(top)]])
-               - clean for _ in range(draws)]  # fmt: skip
+    picks = [[components[j] for j in torch.randperm(len(components), generator=generator)[: len(top)].tolist()]
+             for _ in range(draws)]  # fmt: skip
     return CausalCheck(graph.nodes[logit].token, "components", len(top), graph.metadata["metric"],
-                       patched(top) - clean, randoms)  # fmt: skip
+                       patched(top) - clean, [patched(p) - clean for p in picks],
+                       predicted_change(graph, logit, top),
+                       [predicted_change(graph, logit, p) for p in picks])  # fmt: skip
