@@ -611,6 +611,9 @@ def trace(
     max_features: Annotated[int, typer.Option("--max-features", min=1, help="feature rows to compute")] = 1000,
     check_features: Annotated[int, typer.Option(min=1, help="nodes ablated by the causal check")] = 10,
     batch_size: Annotated[int, typer.Option(min=1, help="targets per backward pass")] = 32,
+    cube: Annotated[
+        Path | None, typer.Option(help="a cube of mlp.in activations: write feature dashboards (DIR/features.json)")
+    ] = None,  # fmt: skip
 ) -> None:
     """Attribution graph of PROMPT: input tokens -> transcoder features (or heads and MLPs) -> output, pruned, with
     its strongest paths and a causal check (the graph's top nodes ablated against as many random ones)."""
@@ -639,6 +642,7 @@ def trace(
         from modelrecon.circuits.replacement import ReplacementModel
 
         rm = ReplacementModel(loaded, _transcoder_set(loaded, transcoders))
+        corpus_cube = _open_cube_for(cube)
         graph = attribute(loaded, prompt, rm, target=target, wrong=wrong, max_feature_nodes=max_features,
                           batch_size=batch_size)  # fmt: skip
         check = causal_check(rm, rm.clean(graph.token_ids), graph, n_features=check_features)
@@ -653,6 +657,26 @@ def trace(
         stdout.print(f"path {i}: {steps} -> logit {graph.nodes[graph.logit_nodes()[0]].token!r}", markup=False)
     stdout.print(check.summary(), markup=False)
     stdout.print(f"wrote {path}", markup=False)
+    if level == "features" and cube is not None:
+        from modelrecon.explain.dashboards import feature_dashboards, graph_features, save_dashboards
+
+        dashboards = feature_dashboards(rm, graph_features(pruned), corpus_cube)
+        stdout.print(f"wrote {save_dashboards(dashboards, out / 'features.json')} "
+                     f"({len(dashboards['features'])} feature dashboards from {corpus_cube.n_tokens} tokens)",
+                     markup=False)  # fmt: skip
+    stdout.print(f"view it: modelrecon serve {out}", markup=False)
+
+
+def _open_cube_for(path: Path | None):
+    """The dashboards' cube, opened before the long work so a bad path fails at once."""
+    if path is None:
+        return None
+    from modelrecon.cube.reader import Cube
+
+    cube = Cube(path)
+    if "mlp.in" not in cube.site_kinds:
+        raise BadInputError(f"cube {path} has no mlp.in activations; capture with --sites 'layers.*.mlp.in'")
+    return cube
 
 
 def _transcoder_set(loaded, transcoders: str) -> list:
@@ -677,6 +701,27 @@ def _node_label(node) -> str:
     if node.kind == "mlp":
         return f"L{node.layer}.MLP"
     return repr(node.token)
+
+
+@app.command()
+def serve(
+    folder: Annotated[Path, typer.Argument(help="the folder of results to view (cubes, graphs, experiments)")],
+    port: Annotated[int, typer.Option(min=1, max=65535, help="the port")] = 8765,
+    host: Annotated[str, typer.Option(help="the address to bind (127.0.0.1: this machine only)")] = "127.0.0.1",
+) -> None:
+    """Serve the offline viewer over FOLDER: graphs, feature dashboards, cube heatmaps and attention, experiments."""
+    import uvicorn
+
+    from modelrecon.web.app import LOOPBACK_HOSTS, create_app
+
+    if not folder.is_dir():
+        raise BadInputError(f"{folder} is not a folder; give the folder of results to view (e.g. demo-output)")
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    app = create_app(folder, trusted_hosts=LOOPBACK_HOSTS if loopback else None)
+    where = "loopback only: other machines cannot connect" if loopback else "reachable from your network"
+    stdout.print(f"serving {folder} at http://{'localhost' if loopback else host}:{port}/ (bound to {host}, {where}; "
+                 "Ctrl-C stops)", markup=False)  # fmt: skip
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 groundtruth_app = typer.Typer(

@@ -1,0 +1,1 @@
+"""Explaining features: dashboards of what a feature responds to and writes."""

@@ -1,0 +1,88 @@
+"""What the viewer can show under a folder: cubes, attribution graphs (with their feature dashboards and annotations)
+and experiment results (patching sweeps, attribution-vs-patching comparisons).
+
+Every artifact gets an id, its path relative to the folder (POSIX). The server only ever opens paths it found here,
+so a request can never name a file outside the folder: ids are looked up, not joined onto the folder. Symbolic links
+are not followed, hidden folders are skipped, and a JSON file is classified from its first few kilobytes (a graph is
+validated in full when it is opened).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_FILES = 20_000  # stop scanning a huge tree; the index says it was truncated
+_SNIFF = 4096
+ANNOTATIONS_SUFFIX = ".annotations.json"
+DASHBOARDS_NAME = "features.json"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    id: str  # the path relative to the root, POSIX
+    kind: str  # cube | graph | sweep | verify
+    path: Path
+    title: str
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "title": self.title}
+
+
+def _json_kind(path: Path) -> str | None:
+    """Which artifact a JSON file is, from its opening bytes (the writers put the telling keys first)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(_SNIFF).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    if path.name.endswith(ANNOTATIONS_SUFFIX) or '"schema": "modelrecon-features"' in head:
+        return None
+    if head.lstrip().startswith('{"metadata"'):  # save_graph's layout (circuit-tracer's files open the same way)
+        return "graph"
+    if '"spearman"' in head and '"n_cells"' in head:  # attribution.compare.Comparison
+        return "verify"
+    if all(f'"{key}"' in head for key in ("direction", "metric", "n_pairs")):  # counterfactual.sweep.SweepResult
+        return "sweep"
+    return None
+
+
+def _is_cube(folder: Path) -> bool:
+    return (folder / "zarr.json").is_file() and (folder / "tokens").is_dir()
+
+
+def scan(root: Path) -> tuple[dict[str, Artifact], bool]:
+    """(id -> artifact, truncated) for everything the viewer can show under `root`."""
+    root = root.resolve()
+    found: dict[str, Artifact] = {}
+    seen = 0
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for d in list(dirs):
+            if _is_cube(here / d):
+                dirs.remove(d)  # a cube's chunks are not artifacts of their own
+                rel = (here / d).relative_to(root).as_posix()
+                found[rel] = Artifact(rel, "cube", here / d, d)
+        for name in sorted(files):
+            seen += 1
+            if seen > MAX_FILES:
+                return found, True
+            path = here / name
+            if not name.endswith(".json") or path.is_symlink():
+                continue
+            kind = _json_kind(path)
+            if kind is not None:
+                rel = path.relative_to(root).as_posix()
+                title = rel if name != "graph.json" else path.parent.name or rel
+                found[rel] = Artifact(rel, kind, path, title)
+    return found, False
+
+
+def annotations_path(graph: Path) -> Path:
+    return graph.with_name(graph.name.removesuffix(".json") + ANNOTATIONS_SUFFIX)
+
+
+def dashboards_path(graph: Path) -> Path:
+    return graph.with_name(DASHBOARDS_NAME)

@@ -1,0 +1,116 @@
+"""The viewer without a server: a graph or a cube as one self-contained HTML page (the same front-end code, its data
+embedded), for Jupyter (`modelrecon.web.show(graph)` displays inline) or for a file to open in a browser.
+
+The page carries the answers to every API request its view can make (`window.MR_EMBED.routes`), so it works offline
+and from `file://`; saving annotations needs `modelrecon serve`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+from modelrecon.files import write_text_atomic
+from modelrecon.web.app import STATIC, feature_panel
+
+MAX_EMBEDDED_PROMPTS = 20
+
+
+def _api_path(prefix: str, artifact_id: str) -> str:
+    """The path app.js asks for (`apiPath`: encodeURIComponent of each part)."""
+    return prefix + "/".join(quote(part, safe="!~*'()") for part in artifact_id.split("/"))
+
+
+def page(start: str, routes: dict) -> str:
+    """A standalone HTML page of the viewer showing `start` (e.g. `#/graph/ID`) from the embedded `routes`."""
+    style = (STATIC / "style.css").read_text(encoding="utf-8")
+    script = (STATIC / "app.js").read_text(encoding="utf-8").replace("</", "<\\/")  # no early </script>
+    data = json.dumps({"start": start, "routes": routes}, allow_nan=False).replace("</", "<\\/")
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>modelrecon</title>'
+        f'<style>{style}</style></head><body><header><b>modelrecon</b> <span id="crumb"></span></header>'
+        '<main id="main"></main><div id="tip"></div>'
+        f"<script>window.MR_EMBED = {data};</script><script>{script}</script></body></html>"
+    )
+
+
+def graph_page(graph, dashboards: dict | None = None, annotations: dict | None = None) -> str:
+    """A graph (a `Graph` or a graph.json path) with its node panels and, when given, feature dashboards."""
+    from modelrecon.circuits.graph import Graph
+    from modelrecon.circuits.graph_file import graph_to_json, load_graph
+
+    if not isinstance(graph, Graph):
+        graph = load_graph(graph)
+    data = graph_to_json(graph)
+    artifact_id = "graph.json"
+    routes = {_api_path("/api/graph/", artifact_id): {"id": artifact_id, "graph": data,
+                                                      "annotations": annotations or {},
+                                                      "has_dashboards": dashboards is not None}}  # fmt: skip
+    for node in data["nodes"]:
+        if node["feature_type"] == "cross layer transcoder":
+            key = _api_path("/api/feature/", artifact_id) + "?node=" + quote(node["node_id"], safe="!~*'()")
+            routes[key] = feature_panel(data, dashboards, node["node_id"])
+    return page(f"#/graph/{artifact_id}", routes)
+
+
+def cube_page(cube) -> str:
+    """A cube (a `Cube` or its path): every site kind and metric of its first prompts, and their attention."""
+    from modelrecon.cube import layout
+    from modelrecon.cube.html import view_data
+    from modelrecon.cube.reader import Cube
+
+    if not isinstance(cube, Cube):
+        cube = Cube(cube)
+    artifact_id = cube.path.name
+    prompts = range(min(cube.n_prompts, MAX_EMBEDDED_PROMPTS))
+    layers = cube.metadata["capture"].get("attention_layers", []) if cube.has_attention else []
+    common = {"id": artifact_id, "model": cube.metadata["model"]["name"], "kinds": cube.site_kinds,
+              "metrics": list(layout.STATS), "prompts": [cube.prompt_text(p)[:80] for p in prompts],
+              "attention_layers": layers}  # fmt: skip
+    base = _api_path("/api/cube/", artifact_id)
+    routes = {base: {**common, "view": view_data(cube, 0, cube.site_kinds[0], "norm")}}
+    for kind in cube.site_kinds:
+        for metric in layout.STATS:
+            for p in prompts:
+                query = urlencode({"kind": kind, "metric": metric, "prompt": p})
+                routes[f"{base}?{query}"] = {**common, "view": view_data(cube, p, kind, metric)}
+    attention = _api_path("/api/attention/", artifact_id)
+    for p in prompts:
+        for layer in layers:
+            pattern = cube.attention(p, layer)
+            heads = [[[round(float(v), 5) for v in row] for row in head] for head in pattern]
+            routes[f"{attention}?prompt={p}&layer={layer}"] = {"tokens": cube.str_tokens(p), "layer": layer,
+                                                               "heads": heads}  # fmt: skip
+    return page(f"#/cube/{artifact_id}", routes)
+
+
+class View:
+    """What `show` returns: Jupyter displays it inline (an iframe holding the standalone page)."""
+
+    def __init__(self, html_page: str, height: int = 720) -> None:
+        self.html, self.height = html_page, height
+
+    def _repr_html_(self) -> str:
+        return (f'<iframe srcdoc="{html.escape(self.html, quote=True)}" style="width:100%;height:{self.height}px;'
+                'border:1px solid #ccd" sandbox="allow-scripts"></iframe>')  # fmt: skip
+
+    def save(self, path: str | Path) -> Path:
+        """The page as a file that opens offline in any browser."""
+        return write_text_atomic(path, self.html)
+
+
+def show(obj, dashboards: dict | str | Path | None = None, height: int = 720) -> View:
+    """Display a graph (Graph or graph.json) or a cube (Cube or its folder) inline in a notebook."""
+    from modelrecon.circuits.graph import Graph
+    from modelrecon.cube.reader import Cube
+    from modelrecon.errors import BadInputError
+
+    if isinstance(dashboards, (str, Path)):
+        dashboards = json.loads(Path(dashboards).read_text(encoding="utf-8"))
+    if isinstance(obj, Graph) or (isinstance(obj, (str, Path)) and Path(obj).is_file()):
+        return View(graph_page(obj, dashboards), height)
+    if isinstance(obj, Cube) or (isinstance(obj, (str, Path)) and Path(obj).is_dir()):
+        return View(cube_page(obj), height)
+    raise BadInputError(f"cannot show {type(obj).__name__}: give a Graph, a graph.json path, a Cube or a cube folder")
