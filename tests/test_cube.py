@@ -16,7 +16,7 @@ import zarr
 import modelrecon as mr
 from modelrecon.cube import layout
 from modelrecon.cube.export import export_cube, import_activity_cube, to_activity_cube
-from modelrecon.cube.html import view_data, write_html
+from modelrecon.cube.html import view_data
 from modelrecon.errors import BadInputError, CubeError
 from modelrecon.models.sites import site_name
 
@@ -296,10 +296,14 @@ def test_activity_cube_json_round_trip(model, tmp_path):
 
 
 def test_html_view_is_self_contained_and_shows_the_summaries(model, tmp_path):
+    from modelrecon.web.notebook import cube_page
+
     cube = mr.capture(model, PROMPTS, tmp_path / "c.zarr", sites=["layers.*.resid_post"], progress=False)
-    page = write_html(cube, tmp_path / "v.html", prompt=2, kind="resid_post", metric="max").read_text()
-    assert "http://" not in page and "https://" not in page and "<script src" not in page
-    data = json.loads(page.split('type="application/json">')[1].split("</script>")[0])
+    page = cube_page(cube, prompt=2, kind="resid_post", metric="max")
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
+    assert "<script src" not in page
+    embedded = json.loads(page.split("window.MR_EMBED = ")[1].split(";</script>")[0].replace("<\\/", "</"))
+    data = embedded["routes"]["/api/cube/c.zarr"]["view"]  # the view the page opens on
     assert data == view_data(cube, 2, "resid_post", "max")
     np.testing.assert_allclose(np.array(data["values"]), cube.summaries("resid_post", "max", prompt=2), rtol=1e-6)
     assert data["tokens"] == cube.str_tokens(2)

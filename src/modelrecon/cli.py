@@ -154,11 +154,12 @@ def cube_show(
     site: Annotated[str | None, typer.Option(help="site kind, e.g. resid_post (default: the first)")] = None,
     metric: Annotated[str, typer.Option(help="norm, mean, std, max or frac_active")] = "norm",
 ) -> None:
-    """Write a self-contained offline HTML view: token × layer heatmap and a per-token line across layers."""
-    from modelrecon.cube.html import write_html
+    """Write a self-contained offline page of the viewer's cube view: token × layer heatmap (site, metric and prompt
+    switchable), a per-token line across layers, and the attention explorer when the cube has patterns."""
     from modelrecon.cube.reader import open_cube
+    from modelrecon.web.notebook import View, cube_page
 
-    written = write_html(open_cube(cube), html, prompt=prompt, kind=site, metric=metric)
+    written = View(cube_page(open_cube(cube), kind=site, metric=metric, prompt=prompt)).save(html)
     stdout.print(f"wrote {written}", markup=False)
 
 

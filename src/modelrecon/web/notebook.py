@@ -55,22 +55,28 @@ def graph_page(graph, dashboards: dict | None = None, annotations: dict | None =
     return page(f"#/graph/{artifact_id}", routes)
 
 
-def cube_page(cube) -> str:
-    """A cube (a `Cube` or its path): every site kind and metric of its first prompts, and their attention."""
+def cube_page(cube, kind: str | None = None, metric: str = "norm", prompt: int = 0) -> str:
+    """A cube (a `Cube` or its path): every site kind and metric of its first prompts, and their attention; it opens
+    on `kind` (default the first), `metric` and `prompt`."""
     from modelrecon.cube import layout
     from modelrecon.cube.html import view_data
     from modelrecon.cube.reader import Cube
+    from modelrecon.errors import CubeError
 
     if not isinstance(cube, Cube):
         cube = Cube(cube)
+    kind = kind or cube.site_kinds[0]
+    if metric not in layout.STATS:
+        raise CubeError(f"unknown metric '{metric}'; choose one of {', '.join(layout.STATS)}")
+    first = view_data(cube, prompt, kind, metric)  # a kind or prompt the cube lacks: its one-line error
     artifact_id = cube.path.name
-    prompts = range(min(cube.n_prompts, MAX_EMBEDDED_PROMPTS))
+    prompts = sorted({*range(min(cube.n_prompts, MAX_EMBEDDED_PROMPTS)), prompt})
     layers = cube.metadata["capture"].get("attention_layers", []) if cube.has_attention else []
     common = {"id": artifact_id, "model": cube.metadata["model"]["name"], "kinds": cube.site_kinds,
-              "metrics": list(layout.STATS), "prompts": [cube.prompt_text(p)[:80] for p in prompts],
+              "metrics": list(layout.STATS), "prompts": [cube.prompt_text(p)[:80] for p in range(max(prompts) + 1)],
               "attention_layers": layers}  # fmt: skip
     base = _api_path("/api/cube/", artifact_id)
-    routes = {base: {**common, "view": view_data(cube, 0, cube.site_kinds[0], "norm")}}
+    routes = {base: {**common, "view": first}}
     for kind in cube.site_kinds:
         for metric in layout.STATS:
             for p in prompts:
