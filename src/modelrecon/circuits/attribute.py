@@ -103,7 +103,7 @@ class BackwardRows:
         self.rm, self.clean, self.rows = rm, clean, rows
         self._stack = ExitStack()
         self._stack.enter_context(torch.enable_grad())
-        self.leaves = self._stack.enter_context(rm.linearised(clean, rows))
+        self.leaves = self._stack.enter_context(rm.linearised(clean, rows, active_only=True))
         batch = rm.model.batch_from_ids([clean.ids] * rows)
         self.logits = rm.model.forward(batch, last_only=True)[:, -1]
 
@@ -125,9 +125,8 @@ class BackwardRows:
         pieces = [((grads[0][:rows] * clean.embed).sum(-1), index.embeddings)]  # [rows, pos] effects, [pos] nodes
         for layer in range(n):
             if grads[1 + layer] is not None:
-                positions, latents, nodes = index.active[layer]  # only active features can have an effect
-                pieces.append((grads[1 + layer][:rows, positions, latents] * clean.features[layer][positions, latents],
-                               nodes))  # fmt: skip
+                positions, latents, nodes = index.active[layer]  # the leaf holds the active features, in this order
+                pieces.append((grads[1 + layer][:rows] * clean.features[layer][positions, latents], nodes))
             if grads[1 + n + layer] is not None:
                 pieces.append(((grads[1 + n + layer][:rows] * clean.errors[layer]).sum(-1), index.errors[layer]))
         out_rows, out_sources, out_weights = [], [], []
@@ -143,8 +142,8 @@ class BackwardRows:
 @dataclass
 class NodeIndex:
     """Every candidate node of a prompt's graph, numbered: active features (per layer, their positions, latents and
-    node numbers; position 0 left out), error nodes (per layer `[pos]`, -1 at position 0), embeddings `[pos]`, then
-    the logits."""
+    node numbers, -1 at position 0), error nodes (per layer `[pos]`, -1 at position 0), embeddings `[pos]`, then the
+    logits."""
 
     active: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     errors: list[torch.Tensor]
@@ -167,9 +166,9 @@ class NodeIndex:
         active = []
         for layer, acts in enumerate(clean.features):
             mask = acts > 0
-            mask[0] = False
+            positions, latents = mask.nonzero(as_tuple=True)  # the order of the replacement model's sparse leaf
+            mask[0] = False  # position 0 (BOS, an attention sink) is held constant: no node
             numbers = number(mask, lambda p, f, layer=layer: ("feature", layer, p, f))
-            positions, latents = mask.nonzero(as_tuple=True)
             active.append((positions, latents, numbers[positions, latents]))
         positions = torch.ones(len(clean.ids), dtype=torch.bool)
         errors = []

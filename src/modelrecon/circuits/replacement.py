@@ -125,6 +125,22 @@ class ReplacementModel:
             return c.b_dec[layer] + sum(features[i] @ c.W_dec[i][:, layer - i] for i in range(layer + 1))
         return decode(self.transcoders[layer], features[layer], x)
 
+    def decode_active(self, layer: int, active: list, values: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """`decode_layer` with the features given sparsely: per layer `i <= layer` the active features' positions and
+        latents (`active[i]`) and their values `[rows, n_i]`. Only these write, one decoder row each, so the backward
+        pass to the values costs `rows x n_i x d` instead of a dense `rows x pos x width x d` matmul."""
+        if self.clt is not None:
+            c = self.clt
+            out = c.b_dec[layer].expand(*x.shape[:-1], -1)
+            pieces = [(active[i][0], values[i], c.W_dec[i][active[i][1], layer - i]) for i in range(layer + 1)]
+        else:
+            t = self.transcoders[layer]
+            out = decode(t, x.new_zeros(*x.shape[:-1], t.config.width), x)  # bias and skip path
+            pieces = [(active[layer][0], values[layer], t.W_dec[0][active[layer][1], 0] / t.output_scale[0])]
+        for positions, v, rows_of_decoder in pieces:
+            out = out.index_add(-2, positions, v[..., None] * rows_of_decoder)
+        return out
+
     @property
     def n_layers(self) -> int:
         return self.model.n_layers
@@ -151,7 +167,7 @@ class ReplacementModel:
 
     @contextmanager
     def linearised(self, clean: CleanRun, rows: int, features: list[torch.Tensor] | None = None,
-                   live: bool = False) -> Iterator[dict]:  # fmt: skip
+                   live: bool = False, active_only: bool = False) -> Iterator[dict]:  # fmt: skip
         """Hooks for a forward pass of `rows` copies of the clean prompt through the replacement model.
 
         Yields the leaves (`embed` [rows, pos, d], per layer `features` [rows, pos, width] and `errors` [rows, pos,
@@ -159,13 +175,22 @@ class ReplacementModel:
         `features`: values to use instead of the clean activations (per layer `[rows, pos, width]`).
         `live`: attention patterns and norms are not frozen and features downstream of a change are recomputed by
         their encoders (total effects); otherwise everything is frozen (direct effects).
+        `active_only` (clean values, frozen): each layer's `features` leaf holds only its active features, `[rows,
+        n_active]` in the order of `leaves["active"][layer]` (positions, latents: `(acts > 0).nonzero()`), which
+        makes the backward pass to them cheap (`decode_active`).
         """
         model, n = self.model, self.n_layers
+        if active_only and (features is not None or live):
+            raise ValueError("active_only is for the clean, frozen pass")
         batch = model.batch_from_ids([clean.ids] * rows)
         values = features if features is not None else [f.expand(rows, -1, -1) for f in clean.features]
+        active = [(f > 0).nonzero(as_tuple=True) for f in clean.features] if active_only else None
+        if active_only:
+            values = [f[p, lat].expand(rows, -1) for f, (p, lat) in zip(clean.features, active, strict=True)]
         leaves = {
             "embed": clean.embed.expand(rows, -1, -1).clone().requires_grad_(True),
             "features": [f.clone().requires_grad_(True) for f in values],
+            "active": active,
             "errors": [e.expand(rows, -1, -1).clone().requires_grad_(True) for e in clean.errors],
             "mlp_in": [None] * n,
             "current": [None] * n,
@@ -238,6 +263,8 @@ def _replaced_mlp(module, rm: ReplacementModel, leaves: dict, layer: int, live: 
             changed = f.detach() != clean.features[layer][None]
             f = torch.where(changed, f, rm.encode_layer(layer, x))
         leaves["current"][layer] = f
+        if leaves["active"] is not None:
+            return rm.decode_active(layer, leaves["active"], leaves["current"], x) + leaves["errors"][layer]
         return rm.decode_layer(layer, leaves["current"], x) + leaves["errors"][layer]
 
     handle = module.register_forward_hook(hook)
