@@ -125,8 +125,9 @@ class BackwardRows:
         pieces = [((grads[0][:rows] * clean.embed).sum(-1), index.embeddings)]  # [rows, pos] effects, [pos] nodes
         for layer in range(n):
             if grads[1 + layer] is not None:
-                positions, latents, nodes = index.active[layer]  # the leaf holds the active features, in this order
-                pieces.append((grads[1 + layer][:rows] * clean.features[layer][positions, latents], nodes))
+                positions, latents, nodes = index.active[layer]
+                valid = leaves["active"][layer][1]  # the leaf holds the active features per position, padded
+                pieces.append((grads[1 + layer][:rows][:, valid] * clean.features[layer][positions, latents], nodes))
             if grads[1 + n + layer] is not None:
                 pieces.append(((grads[1 + n + layer][:rows] * clean.errors[layer]).sum(-1), index.errors[layer]))
         out_rows, out_sources, out_weights = [], [], []
@@ -195,11 +196,14 @@ def attribute(
     cumulative: float = 0.95,
     max_feature_nodes: int = 1000,
     batch_size: int = 32,
+    rank_every: int = 4,
     progress: bool = True,
 ) -> Graph:
     """The attribution graph of `prompt` (see the module docstring). `target`: one target token instead of the top
     logits; with `wrong` too, the target is the logit difference logit(target) - logit(wrong). `transcoders`: the
-    dictionaries, or a ReplacementModel already built on them (which the caller can then reuse)."""
+    dictionaries, or a ReplacementModel already built on them (which the caller can then reuse). Under a budget
+    smaller than the active features, the pending features are re-ranked by influence every `rank_every` batches
+    (circuit-tracer's `update_interval`, 4)."""
     if wrong is not None and target is None:
         raise BadInputError("a logit-difference target needs --target as well as --wrong")
     start = time.perf_counter()
@@ -229,13 +233,15 @@ def attribute(
         for chunk in _chunks([(index.logit(t), Target("logit", token=t, wrong=wrong_id)) for t, _ in logits],
                              batch_size):  # fmt: skip
             run_rows([n for n, _ in chunk], [t for _, t in chunk])
-        order = torch.tensor(features, dtype=torch.int64)
+        ranked, batches = torch.tensor(features, dtype=torch.int64), 0
         while int(expanded[features].sum()) < budget:
-            pending = order[~expanded[order]]
-            if budget < len(features):  # rank by influence only when not every feature gets a row
+            # rank by influence only when not every feature gets a row, and every `rank_every` batches
+            if budget < len(features) and batches % rank_every == 0:
                 targets, sources, weights = (torch.cat(x) for x in zip(*edges, strict=True))
                 scores = influence(len(index.keys), sources, targets, weights, logit_weights)
-                pending = pending[scores[pending].argsort(descending=True, stable=True)]
+                ranked = ranked[scores[ranked].argsort(descending=True, stable=True)]
+            pending = ranked[~expanded[ranked]]
+            batches += 1
             chosen = pending[: min(batch_size, budget - int(expanded[features].sum()))].tolist()
             run_rows(chosen, [Target("feature", layer=k[1], position=k[2], feature=k[3])
                               for k in (index.keys[n] for n in chosen)])  # fmt: skip

@@ -126,19 +126,22 @@ class ReplacementModel:
         return decode(self.transcoders[layer], features[layer], x)
 
     def decode_active(self, layer: int, active: list, values: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """`decode_layer` with the features given sparsely: per layer `i <= layer` the active features' positions and
-        latents (`active[i]`) and their values `[rows, n_i]`. Only these write, one decoder row each, so the backward
-        pass to the values costs `rows x n_i x d` instead of a dense `rows x pos x width x d` matmul."""
+        """`decode_layer` with the features given per position: for each layer `i <= layer`, `active[i]` holds the
+        latents active at each position padded to a common count (`latents [pos, k]`, `valid [pos, k]`) and
+        `values[i]` their activations `[rows, pos, k]` (0 in the padding). Only these write, one decoder row each, so
+        the backward pass to the values is a batched `rows x pos x k x d` product, not a dense `rows x pos x width x d`
+        one."""
         if self.clt is not None:
             c = self.clt
             out = c.b_dec[layer].expand(*x.shape[:-1], -1)
-            pieces = [(active[i][0], values[i], c.W_dec[i][active[i][1], layer - i]) for i in range(layer + 1)]
+            pieces = [(active[i], values[i], c.W_dec[i][:, layer - i]) for i in range(layer + 1)]
         else:
             t = self.transcoders[layer]
             out = decode(t, x.new_zeros(*x.shape[:-1], t.config.width), x)  # bias and skip path
-            pieces = [(active[layer][0], values[layer], t.W_dec[0][active[layer][1], 0] / t.output_scale[0])]
-        for positions, v, rows_of_decoder in pieces:
-            out = out.index_add(-2, positions, v[..., None] * rows_of_decoder)
+            pieces = [(active[layer], values[layer], t.W_dec[0][:, 0] / t.output_scale[0])]
+        for (latents, valid), v, decoder in pieces:
+            rows_of_decoder = decoder[latents] * valid[..., None]  # [pos, k, d], padding rows zero
+            out = out + torch.einsum("rpk,pkd->rpd", v, rows_of_decoder)
         return out
 
     @property
@@ -175,18 +178,20 @@ class ReplacementModel:
         `features`: values to use instead of the clean activations (per layer `[rows, pos, width]`).
         `live`: attention patterns and norms are not frozen and features downstream of a change are recomputed by
         their encoders (total effects); otherwise everything is frozen (direct effects).
-        `active_only` (clean values, frozen): each layer's `features` leaf holds only its active features, `[rows,
-        n_active]` in the order of `leaves["active"][layer]` (positions, latents: `(acts > 0).nonzero()`), which
-        makes the backward pass to them cheap (`decode_active`).
+        `active_only` (clean values, frozen): each layer's `features` leaf holds only its active features, per
+        position padded to a common count, `[rows, pos, k]` (`leaves["active"][layer]`: their latents and a validity
+        mask `[pos, k]`; `leaf[:, valid]` lists them in `(acts > 0).nonzero()` order), which makes the backward pass to
+        them cheap (`decode_active`).
         """
         model, n = self.model, self.n_layers
         if active_only and (features is not None or live):
             raise ValueError("active_only is for the clean, frozen pass")
         batch = model.batch_from_ids([clean.ids] * rows)
         values = features if features is not None else [f.expand(rows, -1, -1) for f in clean.features]
-        active = [(f > 0).nonzero(as_tuple=True) for f in clean.features] if active_only else None
+        active = [_per_position(f) for f in clean.features] if active_only else None
         if active_only:
-            values = [f[p, lat].expand(rows, -1) for f, (p, lat) in zip(clean.features, active, strict=True)]
+            values = [(f.gather(-1, lat) * valid).expand(rows, -1, -1)
+                      for f, (lat, valid) in zip(clean.features, active, strict=True)]  # fmt: skip
         leaves = {
             "embed": clean.embed.expand(rows, -1, -1).clone().requires_grad_(True),
             "features": [f.clone().requires_grad_(True) for f in values],
@@ -224,6 +229,15 @@ class ReplacementModel:
         """Last-position logits `[rows, vocab]` of the replacement model (optionally with other feature values)."""
         with torch.no_grad(), self.linearised(clean, rows, features, live):
             return self.model.forward(self.model.batch_from_ids([clean.ids] * rows), last_only=True)[:, -1]
+
+
+def _per_position(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The active latents of each position of `acts [pos, width]`, ascending and padded to the largest count:
+    (`latents [pos, k]`, `valid [pos, k]`)."""
+    active = acts > 0
+    k = max(1, int(active.sum(-1).max()))
+    order = torch.sort((~active).to(torch.int8), dim=-1, stable=True).indices[:, :k]  # active latents first
+    return order, active.gather(-1, order)
 
 
 @contextmanager
