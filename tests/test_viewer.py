@@ -214,3 +214,30 @@ def test_notebook_page_embeds_the_same_front_end(site):
     assert len(features) == sum(n.kind == "feature" for n in site["graph"].nodes)
     cube_page = show(site["cube"]).html
     assert "/api/attention/corpus.zarr?prompt=0&layer=0" in cube_page
+
+
+def test_serve_command_binds_loopback_and_answers(site):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "modelrecon.cli", "serve", str(site["folder"]), "--port",
+                                str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = process.stdout.readline()
+        assert "bound to 127.0.0.1" in line and "loopback only" in line and f":{port}/" in line
+        deadline, body = time.time() + 30, None
+        while body is None and time.time() < deadline:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/index", timeout=2).read()
+            except OSError:
+                time.sleep(0.1)
+        assert body is not None and json.loads(body)["root"] == site["folder"].name
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

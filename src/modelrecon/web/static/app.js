@@ -46,11 +46,6 @@ const fmt = v => (v === null || v === undefined) ? "n/a" : (typeof v === "number
 
 // --- routing --------------------------------------------------------------------------------------------------------
 let route = EMBED ? EMBED.start : (location.hash || "#/");
-function go(hash) {
-  route = hash;
-  if (!EMBED) { if (location.hash !== hash) { location.hash = hash; return; } }
-  render();
-}
 window.addEventListener("hashchange", () => { if (!EMBED) { route = location.hash || "#/"; render(); } });
 
 async function render() {
