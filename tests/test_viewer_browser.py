@@ -151,9 +151,14 @@ def test_cube_heatmap_metric_switch_and_attention(page, server):
 def test_experiment_views(page, server):
     page.goto(server["url"] + "/#/experiment/patch.json")
     page.wait_for_selector("#sweep-heat td")
+    assert "patching of resid_pre" in page.locator("h2").inner_text()
+    data = json.loads((server["folder"] / "patch.json").read_text())
+    assert page.locator("#sweep-heat td").count() == len(data["results"])
     shot(page, "sweep")
     page.goto(server["url"] + "/#/experiment/verify.json")
     page.wait_for_selector("#scatter circle.point")
+    report = json.loads((server["folder"] / "verify.json").read_text())
+    assert page.locator("#disagreements tr").count() == 1 + len(report["disagreements"])
     shot(page, "verify")
 
 

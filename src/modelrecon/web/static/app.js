@@ -430,7 +430,8 @@ async function experimentView(main, id) {
     });
     table.append(tr);
   });
-  main.replaceChildren(el("h2", {}, `${d.kind} patching (${d.direction}, ${d.metric}, ${d.n_pairs} pairs)`),
+  const what = d.receivers ? `${d.kind}, path to ${d.receivers.join(", ")}` : d.kind;
+  main.replaceChildren(el("h2", {}, `${d.direction} patching of ${what}: effect on ${d.metric} (${d.n_pairs} pairs)`),
     el("p", { class: "muted" }, `clean ${JSON.stringify(d.clean)} · corrupt ${JSON.stringify(d.corrupt)} · ` +
       "blue restores the clean answer, red moves away; hover for the effect and its confidence interval"), table);
 }
@@ -455,7 +456,11 @@ function verifyView(main, d) {
   main.replaceChildren(el("h2", {}, `${d.method} against exact patching (${d.kind})`),
     el("p", {}, `Spearman ${fmt(d.spearman)}, Kendall ${fmt(d.kendall)}, Pearson ${fmt(d.pearson)}; ` +
       `${d.disagreements.length} disagreements (red). x: exact effect, y: the estimate; the dashed line is agreement.`),
-    plot);
+    plot,
+    el("h3", {}, "disagreements"),
+    el("table", { id: "disagreements" }, el("tr", {}, ...["site", "position", "head", "estimate", "exact", "kind"]
+      .map(h => el("th", {}, h))), ...d.disagreements.map(g => el("tr", {}, ...[g.site, g.position ?? "",
+      g.head ?? "", fmt(g.estimate), fmt(g.exact), g.kind].map(v => el("td", {}, v))))));
 }
 
 render();
