@@ -127,6 +127,25 @@ TRAVERSALS = ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2e%2e/%2e%2e/etc/p
               "trace/../../outside.json", "corpus.zarr/../../outside.json", "nosuch.json"]  # fmt: skip
 
 
+def test_symbolic_links_out_of_the_folder_are_not_served(site, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "graph.json").write_text((site["folder"] / "trace" / "graph.json").read_text())
+    links = [site["folder"] / "linked-dir", site["folder"] / "linked.json", site["folder"] / "linked.zarr"]
+    links[0].symlink_to(outside, target_is_directory=True)
+    links[1].symlink_to(outside / "graph.json")
+    links[2].symlink_to(site["cube"].path, target_is_directory=True)
+    try:
+        client = TestClient(create_app(site["folder"]))
+        ids = {a["id"] for a in client.get("/api/index").json()["artifacts"]}
+        assert not any(i.startswith("linked") for i in ids)
+        for route in ("graph/linked-dir/graph.json", "graph/linked.json", "cube/linked.zarr"):
+            assert client.get(f"/api/{route}").status_code == 404
+    finally:
+        for link in links:
+            link.unlink()
+
+
 @pytest.mark.parametrize("route", ["graph", "feature", "cube", "attention", "experiment"])
 def test_names_never_reach_outside_the_folder(client, site, route):
     (site["root"] / "outside.json").write_text(json.dumps({"metadata": {"secret": 1}}))

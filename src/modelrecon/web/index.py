@@ -59,7 +59,7 @@ def scan(root: Path) -> tuple[dict[str, Artifact], bool]:
     seen = 0
     for folder, dirs, files in os.walk(root, followlinks=False):
         here = Path(folder)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (here / d).is_symlink())
         for d in list(dirs):
             if _is_cube(here / d):
                 dirs.remove(d)  # a cube's chunks are not artifacts of their own
