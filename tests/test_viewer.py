@@ -216,6 +216,13 @@ def test_loopback_by_default_and_foreign_hosts_refused(site, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", str(site["root"] / "nowhere")])
     assert exit_info.value.code == 2 and "not a folder" in capsys.readouterr().err
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["serve", str(site["folder"]), "--port", str(busy.getsockname()[1])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "cannot listen on 127.0.0.1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_notebook_page_embeds_the_same_front_end(site):

@@ -717,6 +717,13 @@ def serve(
 
     if not folder.is_dir():
         raise BadInputError(f"{folder} is not a folder; give the folder of results to view (e.g. demo-output)")
+    import socket
+
+    try:  # a clear one-line error for a busy port or an address this machine does not have
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise BadInputError(f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port or --host") from None
     loopback = host in ("127.0.0.1", "localhost", "::1")
     app = create_app(folder, trusted_hosts=LOOPBACK_HOSTS if loopback else None)
     where = "loopback only: other machines cannot connect" if loopback else "reachable from your network"
