@@ -147,3 +147,46 @@ def test_feature_interventions_direct_and_total(setup):
     assert len(text) == 3
     with pytest.raises(BadInputError, match="exactly one"):
         intervene(rm, clean, [FeatureChange(0, 1, 0)])
+
+
+def test_graph_paths_predict_what_removing_a_feature_does_when_features_respond():
+    """The causal check's prediction (`predicted_change`) composes the graph's edges along every path. In the world
+    where the graph is exact (attention and norms frozen, every later feature recomputed by its encoder), removing a
+    small fraction of one feature moves the target by that fraction of the prediction. ReLU transcoders keep every
+    active feature in its linear region for a small change."""
+    from modelrecon.circuits.check import predicted_change
+
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(3)
+    transcoders = []
+    for layer in range(model.n_layers):
+        sites = (f"layers.{layer}.mlp.in",), (f"layers.{layer}.mlp.out",)
+        d = Dictionary(DictionaryConfig("skip-transcoder", model.d_model, model.d_model, 24, "relu", None, *sites))
+        with torch.no_grad():
+            for p in d.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+        transcoders.append(d)
+    rm = ReplacementModel(model, transcoders)
+    graph = attribute(model, PROMPT, rm, max_logits=1, max_feature_nodes=10**6, progress=False)  # every feature
+    clean = rm.clean(graph.token_ids)
+    logit = graph.logit_nodes()[0]
+    token = graph.nodes[logit].feature
+
+    def measure(features=None) -> float:
+        logits = rm.forward(clean, features=features, live=False, live_features=True)[0].double()
+        return float(logits[token] - logits.mean())
+
+    base = measure()
+    assert base == pytest.approx(float(clean.logits[token] - clean.logits.mean()), abs=1e-4)
+    features = [i for i, n in enumerate(graph.nodes) if n.kind == "feature"]
+    chosen = sorted(features, key=lambda i: -abs(predicted_change(graph, logit, [i])))[:6]
+    has_paths = 0
+    for i in chosen:
+        node, fraction = graph.nodes[i], 1e-3
+        values = [f.clone()[None] for f in clean.features]
+        values[node.layer][0, node.position, node.feature] *= 1 - fraction
+        measured = (measure(values) - base) / fraction
+        predicted = predicted_change(graph, logit, [i])
+        assert measured == pytest.approx(predicted, rel=2e-2, abs=2e-3), node
+        has_paths += abs(predicted - (-graph.edge(node.id, graph.nodes[logit].id))) > 1e-3  # not only direct
+    assert has_paths  # some of them act through later features too

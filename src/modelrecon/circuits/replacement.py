@@ -170,21 +170,25 @@ class ReplacementModel:
 
     @contextmanager
     def linearised(self, clean: CleanRun, rows: int, features: list[torch.Tensor] | None = None,
-                   live: bool = False, active_only: bool = False) -> Iterator[dict]:  # fmt: skip
+                   live: bool = False, active_only: bool = False,
+                   live_features: bool | None = None) -> Iterator[dict]:  # fmt: skip
         """Hooks for a forward pass of `rows` copies of the clean prompt through the replacement model.
 
         Yields the leaves (`embed` [rows, pos, d], per layer `features` [rows, pos, width] and `errors` [rows, pos,
         d], all requiring grad) and, once the forward has run, each layer's `mlp_in` as the pass computed it.
         `features`: values to use instead of the clean activations (per layer `[rows, pos, width]`).
         `live`: attention patterns and norms are not frozen and features downstream of a change are recomputed by
-        their encoders (total effects); otherwise everything is frozen (direct effects).
+        their encoders (total effects); otherwise everything is frozen (direct effects). `live_features` (default:
+        `live`) sets the second part alone: with `live=False, live_features=True` attention and norms stay frozen
+        while later features respond, the linear world in which the graph's paths compose.
         `active_only` (clean values, frozen): each layer's `features` leaf holds only its active features, per
         position padded to a common count, `[rows, pos, k]` (`leaves["active"][layer]`: their latents and a validity
         mask `[pos, k]`; `leaf[:, valid]` lists them in `(acts > 0).nonzero()` order), which makes the backward pass to
         them cheap (`decode_active`).
         """
         model, n = self.model, self.n_layers
-        if active_only and (features is not None or live):
+        live_features = live if live_features is None else live_features
+        if active_only and (features is not None or live or live_features):
             raise ValueError("active_only is for the clean, frozen pass")
         batch = model.batch_from_ids([clean.ids] * rows)
         values = features if features is not None else [f.expand(rows, -1, -1) for f in clean.features]
@@ -213,7 +217,7 @@ class ReplacementModel:
                     stack.enter_context(_frozen_scale(module, scale))
             for layer in range(n):
                 module = model.layer_module(layer, model.adapter.mlp)
-                stack.enter_context(_replaced_mlp(module, self, leaves, layer, live, clean))
+                stack.enter_context(_replaced_mlp(module, self, leaves, layer, live_features, clean))
             stack.enter_context(hooked(model, batch, edit=edit))
             yield leaves
 
@@ -225,9 +229,10 @@ class ReplacementModel:
                       model.layer_module(layer, model.adapter.mlp_norm)]  # fmt: skip
         return norms + [model.module(model.adapter.final_norm)]
 
-    def forward(self, clean: CleanRun, rows: int = 1, features=None, live: bool = False) -> torch.Tensor:
+    def forward(self, clean: CleanRun, rows: int = 1, features=None, live: bool = False,
+                live_features: bool | None = None) -> torch.Tensor:  # fmt: skip
         """Last-position logits `[rows, vocab]` of the replacement model (optionally with other feature values)."""
-        with torch.no_grad(), self.linearised(clean, rows, features, live):
+        with torch.no_grad(), self.linearised(clean, rows, features, live, live_features=live_features):
             return self.model.forward(self.model.batch_from_ids([clean.ids] * rows), last_only=True)[:, -1]
 
 
