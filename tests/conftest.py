@@ -48,3 +48,12 @@ def assert_one_line_error(code, err, *fragments):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def embedded_routes(page_text: str) -> dict:
+    """The API answers a standalone viewer page carries (`modelrecon.web.notebook.page`), after checking it loads
+    no script from anywhere."""
+    import json
+
+    assert "<script src" not in page_text and "https://" not in page_text
+    return json.loads(page_text.split("window.MR_EMBED = ")[1].split(";</script>")[0].replace("<\\/", "</"))["routes"]

@@ -21,7 +21,7 @@ from modelrecon.attribution.probes import train_probes
 from modelrecon.counterfactual import Pair, path_patch, sweep
 from modelrecon.errors import BadInputError
 
-from conftest import PROMPTS, assert_one_line_error, cli
+from conftest import PROMPTS, assert_one_line_error, cli, embedded_routes
 from tiny import tiny_model
 
 PAIRS = [Pair("The cat sat", "The dog ran", "x", "q"), Pair("Cold winter", "Warm summer", "t", "m")]
@@ -215,7 +215,8 @@ def test_cli_lens_attribute_verify(capsys, tmp_path, tiny_llama_folder):
     report = json.loads((tmp_path / "verify.json").read_text())
     assert code == 0 and "Spearman" in out and -1 <= report["spearman"] <= 1
     assert len(report["estimate"]) == len(report["exact"]) == 3 * 11
-    assert "<svg" in (tmp_path / "verify.html").read_text()
+    (embedded,) = embedded_routes((tmp_path / "verify.html").read_text()).values()  # the viewer's page
+    assert embedded["kind"] == "verify" and embedded["data"]["spearman"] == pytest.approx(report["spearman"])
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from modelrecon.cube.html import view_data
 from modelrecon.errors import BadInputError, CubeError
 from modelrecon.models.sites import site_name
 
-from conftest import assert_one_line_error, cli
+from conftest import assert_one_line_error, cli, embedded_routes
 from tiny import save_tiny_model, tiny_model
 
 PROMPTS = ["Hello there, world!", "Hi", "The quick brown fox jumps", "abc def", "x"]
@@ -304,8 +304,7 @@ def test_html_view_is_self_contained_and_shows_the_summaries(model, tmp_path):
     page = cube_page(cube, prompt=2, kind="resid_post", metric="max")
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
     assert "<script src" not in page
-    embedded = json.loads(page.split("window.MR_EMBED = ")[1].split(";</script>")[0].replace("<\\/", "</"))
-    data = embedded["routes"]["/api/cube/c.zarr"]["view"]  # the view the page opens on
+    data = embedded_routes(page)["/api/cube/c.zarr"]["view"]  # the view the page opens on
     assert data == view_data(cube, 2, "resid_post", "max")
     np.testing.assert_allclose(np.array(data["values"]), cube.summaries("resid_post", "max", prompt=2), rtol=1e-6)
     assert data["tokens"] == cube.str_tokens(2)

@@ -260,7 +260,6 @@ def patch(
 
     With --path-to, each sender's effect goes through that path only (path patching).
     """
-    from modelrecon.counterfactual.html import write_sweep_html
     from modelrecon.counterfactual.sweep import DIRECTIONS, HEAD_SWEEPS, path_patch
     from modelrecon.counterfactual.sweep import sweep as run_sweep
     from modelrecon.files import write_text_atomic
@@ -295,7 +294,7 @@ def patch(
     stdout.print(table)
     stdout.print(f"wrote {json_out}", markup=False)
     if html_out is not None:
-        stdout.print(f"wrote {write_sweep_html(result, html_out)}", markup=False)
+        stdout.print(f"wrote {_experiment_html('sweep', report, html_out)}", markup=False)
 
 
 @app.command()
@@ -489,7 +488,6 @@ def verify(
 ) -> None:
     """Causal vs correlational: an attribution estimate of every cell next to its exact patching effect."""
     from modelrecon.attribution.compare import compare
-    from modelrecon.attribution.html import write_verify_html
     from modelrecon.attribution.patching import METHODS, attribution_patching
     from modelrecon.counterfactual.sweep import sweep as run_sweep
     from modelrecon.files import write_text_atomic
@@ -522,7 +520,14 @@ def verify(
     stdout.print(table)
     stdout.print(f"wrote {json_out}", markup=False)
     if html_out is not None:
-        stdout.print(f"wrote {write_verify_html(report, html_out)}", markup=False)
+        stdout.print(f"wrote {_experiment_html('verify', report.to_dict(), html_out)}", markup=False)
+
+
+def _experiment_html(kind: str, data: dict, out: Path) -> Path:
+    """The viewer's experiment view of a result, as a standalone page."""
+    from modelrecon.web.notebook import View, experiment_page
+
+    return View(experiment_page(kind, data, out.with_suffix(".json").name)).save(out)
 
 
 @app.command("train")

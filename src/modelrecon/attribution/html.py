@@ -1,14 +1,11 @@
-"""Self-contained HTML pages (inline CSS and SVG, no script, no network) for the logit lens and the
-causal-vs-correlational report."""
+"""A self-contained HTML page (inline CSS, no script, no network) for the logit lens. (Patching sweeps and the
+causal-vs-correlational report are views of the viewer, `modelrecon.web`.)"""
 
 from __future__ import annotations
 
 import html
 from pathlib import Path
 
-import numpy as np
-
-from modelrecon.attribution.compare import Comparison
 from modelrecon.attribution.lens import LensResult
 from modelrecon.files import write_text_atomic
 
@@ -54,64 +51,3 @@ def lens_html(lens: LensResult) -> str:
 
 def write_lens_html(lens: LensResult, out: str | Path) -> Path:
     return write_text_atomic(out, lens_html(lens))
-
-
-def _scatter(comparison: Comparison, size: int = 360, pad: int = 40) -> str:
-    est, ex = np.array(comparison.estimate, float), np.array(comparison.exact, float)
-    keep = np.isfinite(est) & np.isfinite(ex)
-    lo = float(min(est[keep].min(), ex[keep].min(), 0.0)) if keep.any() else 0.0
-    hi = float(max(est[keep].max(), ex[keep].max(), 1.0)) if keep.any() else 1.0
-
-    def x(v):
-        return pad + (v - lo) / (hi - lo) * (size - 2 * pad)
-
-    def y(v):
-        return size - pad - (v - lo) / (hi - lo) * (size - 2 * pad)
-
-    flagged = {(d.site, d.position, d.head) for d in comparison.disagreements}
-    dots = []
-    for k, cell in enumerate(comparison.cells):
-        if not keep[k]:
-            continue
-        bad = (cell["site"], cell["position"], cell["head"]) in flagged
-        where = cell["site"] + (f" head {cell['head']}" if cell["head"] is not None else f" pos {cell['position']}")
-        dots.append(
-            f'<circle cx="{x(ex[k]):.1f}" cy="{y(est[k]):.1f}" r="3" fill="{"#d33" if bad else "#36c"}" '
-            f'fill-opacity="0.7"><title>{html.escape(where)}: exact {ex[k]:.3f}, estimate {est[k]:.3f}</title></circle>'
-        )
-    return (
-        f'<svg width="{size}" height="{size}" style="border:1px solid #ccc">'
-        f'<line x1="{x(lo)}" y1="{y(lo)}" x2="{x(hi)}" y2="{y(hi)}" stroke="#aaa" stroke-dasharray="4"/>'
-        f'<text x="{x(lo)}" y="{size - pad + 14}" text-anchor="middle">{lo:.2f}</text>'
-        f'<text x="{x(hi)}" y="{size - pad + 14}" text-anchor="middle">{hi:.2f}</text>'
-        f'<text x="{pad - 4}" y="{y(lo)}" text-anchor="end">{lo:.2f}</text>'
-        f'<text x="{pad - 4}" y="{y(hi) + 4}" text-anchor="end">{hi:.2f}</text>'
-        f'<text x="{size / 2}" y="{size - 6}" text-anchor="middle">exact patching effect</text>'
-        f'<text x="12" y="{size / 2}" transform="rotate(-90 12 {size / 2})" text-anchor="middle">'
-        f"{html.escape(comparison.method)} estimate</text>{''.join(dots)}</svg>"
-    )
-
-
-def verify_html(comparison: Comparison) -> str:
-    meta = (
-        f"{comparison.n_cells} cells of the {comparison.kind} sweep; Spearman {comparison.spearman:.3f}, Kendall "
-        f"{comparison.kendall:.3f}, Pearson {comparison.pearson:.3f}. Red: cells where the estimate and the exact "
-        f"effect disagree (sign flip, or a gap above {comparison.gap_threshold}). The dashed line is agreement."
-    )
-    rows = "".join(
-        f"<tr><td>{html.escape(d.site)}</td><td>{'' if d.position is None else d.position}</td>"
-        f"<td>{'' if d.head is None else d.head}</td><td>{d.estimate:.3f}</td><td>{d.exact:.3f}</td>"
-        f"<td>{d.kind}</td></tr>"
-        for d in comparison.disagreements
-    )
-    table = (
-        "<h2 style='font-size:14px'>disagreements</h2><table><thead><tr><th>site</th><th>position</th><th>head</th>"
-        f"<th>estimate</th><th>exact</th><th>kind</th></tr></thead><tbody>{rows or '<tr><td>none</td></tr>'}"
-        "</tbody></table>"
-    )
-    title = f"{comparison.method} vs exact patching ({comparison.kind})"
-    return _page(title, f'<div class="meta">{html.escape(meta)}</div>{_scatter(comparison)}{table}')
-
-
-def write_verify_html(comparison: Comparison, out: str | Path) -> Path:
-    return write_text_atomic(out, verify_html(comparison))

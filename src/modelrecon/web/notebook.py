@@ -92,6 +92,17 @@ def cube_page(cube, kind: str | None = None, metric: str = "norm", prompt: int =
     return page(f"#/cube/{artifact_id}", routes)
 
 
+def experiment_page(kind: str, data: dict, name: str = "experiment.json") -> str:
+    """A patching sweep (`kind="sweep"`, `SweepResult.to_dict()`) or an attribution-vs-patching report
+    (`"verify"`, `Comparison.to_dict()`): the viewer's experiment view of it."""
+    from modelrecon.files import json_safe
+
+    if kind not in ("sweep", "verify"):
+        raise ValueError(f"kind is sweep or verify, not {kind!r}")
+    routes = {_api_path("/api/experiment/", name): {"id": name, "kind": kind, "data": json_safe(data)}}
+    return page(f"#/experiment/{name}", routes)
+
+
 class View:
     """What `show` returns: Jupyter displays it inline (an iframe holding the standalone page)."""
 

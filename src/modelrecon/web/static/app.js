@@ -412,9 +412,10 @@ async function experimentView(main, id) {
   const colour = e => e === null ? "#eee" : (e >= 0 ? `rgba(43,108,176,${Math.abs(e) / limit})`
     : `rgba(197,48,48,${Math.abs(e) / limit})`);
   const table = el("table", { class: "heat", id: "sweep-heat" });
+  const first = d.results[0] || {}, byHead = first.head !== undefined, whole = !byHead && first.position === null;
   const headRow = el("tr", {}, el("th"));
-  for (let c = 0; c < cols; c++) {
-    headRow.append(el("th", {}, d.results[0] && d.results[0].head !== undefined ? `H${c}` :
+  for (let c = 0; c < cols; c++) {  // heads, every position at once (path patching of MLPs), or the tokens
+    headRow.append(el("th", {}, byHead ? `H${c}` : whole ? "all positions" :
       JSON.stringify(d.tokens && d.tokens[c] !== undefined ? d.tokens[c] : c)));
   }
   table.append(el("thead", {}, headRow));
