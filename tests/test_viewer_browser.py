@@ -193,3 +193,18 @@ def test_notebook_page_renders_offline(page, server):
     page.locator("circle.node[data-kind='cross layer transcoder']").first.click()
     page.wait_for_selector("#top-examples .example")
     shot(page, "notebook-graph")
+
+
+def test_standalone_experiment_and_cube_pages_render_offline(page, server):
+    from modelrecon.web.notebook import cube_page, experiment_page
+
+    data = json.loads((server["folder"] / "patch.json").read_text())
+    page.set_content(experiment_page("sweep", data, "patch.json"))
+    page.wait_for_selector("#sweep-heat td")
+    assert page.locator("#sweep-heat td").count() == len(data["results"])
+    page.goto("about:blank")  # a fresh document: each page is a whole app
+    page.set_content(cube_page(server["folder"] / "corpus.zarr", kind="resid_post", metric="max", prompt=1))
+    page.wait_for_selector("#cube-heat[data-metric='max']")
+    page.select_option("#cube-metric", "mean")  # switching works from the embedded answers too
+    page.wait_for_selector("#cube-heat[data-metric='mean']")
+    assert page.locator("#attn-canvas").count() == 1
