@@ -95,12 +95,16 @@ async def api_index(request: Request) -> Response:
                          "artifacts": [a.to_dict() for a in viewer.index.values()]})  # fmt: skip
 
 
+def graph_payload(artifact_id: str, graph: dict, annotations: dict, has_dashboards: bool) -> dict:
+    """What the graph view loads: the graph file's JSON, its annotations, and whether dashboards exist."""
+    return {"id": artifact_id, "graph": graph, "annotations": annotations, "has_dashboards": has_dashboards}
+
+
 def _graph_payload(viewer: Viewer, artifact: Artifact) -> dict:
     graph = viewer.cached("graph", artifact.path, _load_graph)
     notes = annotations_path(artifact.path)
     annotations = viewer.cached("notes", notes, _read_json) if notes.is_file() else {}
-    return {"id": artifact.id, "graph": graph, "annotations": annotations,
-            "has_dashboards": dashboards_path(artifact.path).is_file()}  # fmt: skip
+    return graph_payload(artifact.id, graph, annotations, dashboards_path(artifact.path).is_file())
 
 
 async def api_graph(request: Request) -> Response:
@@ -215,15 +219,29 @@ async def api_cube(request: Request) -> Response:
         raise ApiError(404, f"no metric {metric[:60]!r}; use one of {', '.join(layout.STATS)}")
     if not 0 <= prompt < cube.n_prompts:
         raise ApiError(404, f"no prompt {prompt}; the cube has prompts 0..{cube.n_prompts - 1}")
-    return JSONResponse({
-        "id": artifact.id,
+    return JSONResponse({**cube_header(cube, artifact.id, min(cube.n_prompts, 500)),
+                         "view": view_data(cube, prompt, kind, metric)})  # fmt: skip
+
+
+def cube_header(cube, artifact_id: str, n_prompts: int) -> dict:
+    """What a cube view needs besides the heatmap: its selectors' choices (the first `n_prompts` prompts)."""
+    from modelrecon.cube import layout
+
+    return {
+        "id": artifact_id,
         "model": cube.metadata["model"]["name"],
         "kinds": cube.site_kinds,
         "metrics": list(layout.STATS),
-        "prompts": [cube.prompt_text(p)[:80] for p in range(min(cube.n_prompts, 500))],
+        "prompts": [cube.prompt_text(p)[:80] for p in range(n_prompts)],
         "attention_layers": cube.metadata["capture"].get("attention_layers", []) if cube.has_attention else [],
-        "view": view_data(cube, prompt, kind, metric),
-    })  # fmt: skip
+    }
+
+
+def attention_payload(cube, prompt: int, layer: int) -> dict:
+    """One prompt's attention pattern at one layer: `{tokens, layer, heads: [head][query][key]}`."""
+    pattern = cube.attention(prompt, layer)  # [head, q, k]
+    heads = [[[round(float(v), 5) for v in row] for row in head] for head in pattern]
+    return {"tokens": cube.str_tokens(prompt), "layer": layer, "heads": heads}
 
 
 async def api_attention(request: Request) -> Response:
@@ -233,9 +251,7 @@ async def api_attention(request: Request) -> Response:
     prompt, layer = _int(request, "prompt", 0), _int(request, "layer", 0)
     if not 0 <= prompt < cube.n_prompts:
         raise ApiError(404, f"no prompt {prompt}; the cube has prompts 0..{cube.n_prompts - 1}")
-    pattern = cube.attention(prompt, layer)  # [head, q, k]
-    heads = [[[round(float(v), 5) for v in row] for row in head] for head in pattern]
-    return JSONResponse({"tokens": cube.str_tokens(prompt), "layer": layer, "heads": heads})
+    return JSONResponse(attention_payload(cube, prompt, layer))
 
 
 async def api_experiment(request: Request) -> Response:

@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 from modelrecon.files import write_text_atomic
-from modelrecon.web.app import STATIC, feature_panel
+from modelrecon.web.app import STATIC, attention_payload, cube_header, feature_panel, graph_payload
 
 MAX_EMBEDDED_PROMPTS = 20
 
@@ -45,9 +45,8 @@ def graph_page(graph, dashboards: dict | None = None, annotations: dict | None =
         graph = load_graph(graph)
     data = graph_to_json(graph)
     artifact_id = "graph.json"
-    routes = {_api_path("/api/graph/", artifact_id): {"id": artifact_id, "graph": data,
-                                                      "annotations": annotations or {},
-                                                      "has_dashboards": dashboards is not None}}  # fmt: skip
+    routes = {_api_path("/api/graph/", artifact_id): graph_payload(artifact_id, data, annotations or {},
+                                                                   dashboards is not None)}  # fmt: skip
     for node in data["nodes"]:
         if node["feature_type"] == "cross layer transcoder":
             key = _api_path("/api/feature/", artifact_id) + "?node=" + quote(node["node_id"], safe="!~*'()")
@@ -71,10 +70,7 @@ def cube_page(cube, kind: str | None = None, metric: str = "norm", prompt: int =
     first = view_data(cube, prompt, kind, metric)  # a kind or prompt the cube lacks: its one-line error
     artifact_id = cube.path.name
     prompts = sorted({*range(min(cube.n_prompts, MAX_EMBEDDED_PROMPTS)), prompt})
-    layers = cube.metadata["capture"].get("attention_layers", []) if cube.has_attention else []
-    common = {"id": artifact_id, "model": cube.metadata["model"]["name"], "kinds": cube.site_kinds,
-              "metrics": list(layout.STATS), "prompts": [cube.prompt_text(p)[:80] for p in range(max(prompts) + 1)],
-              "attention_layers": layers}  # fmt: skip
+    common = cube_header(cube, artifact_id, max(prompts) + 1)
     base = _api_path("/api/cube/", artifact_id)
     routes = {base: {**common, "view": first}}
     for kind in cube.site_kinds:
@@ -84,11 +80,8 @@ def cube_page(cube, kind: str | None = None, metric: str = "norm", prompt: int =
                 routes[f"{base}?{query}"] = {**common, "view": view_data(cube, p, kind, metric)}
     attention = _api_path("/api/attention/", artifact_id)
     for p in prompts:
-        for layer in layers:
-            pattern = cube.attention(p, layer)
-            heads = [[[round(float(v), 5) for v in row] for row in head] for head in pattern]
-            routes[f"{attention}?prompt={p}&layer={layer}"] = {"tokens": cube.str_tokens(p), "layer": layer,
-                                                               "heads": heads}  # fmt: skip
+        for layer in common["attention_layers"]:
+            routes[f"{attention}?prompt={p}&layer={layer}"] = attention_payload(cube, p, layer)
     return page(f"#/cube/{artifact_id}", routes)
 
 
