@@ -659,7 +659,7 @@ def trace(
     stdout.print(f"{graph.n_nodes} nodes, {len(graph.weights)} edges -> pruned to {pruned.n_nodes} nodes, "
                  f"{len(pruned.weights)} edges in {graph.metadata['seconds']:.1f} s", markup=False)  # fmt: skip
     for i, p in enumerate(strongest_paths(graph), 1):
-        steps = " -> ".join(f"{_node_label(graph.nodes[n])} ({w:+.2f})" for n, w in p)
+        steps = " -> ".join(f"{graph.nodes[n].label} ({w:+.2f})" for n, w in p)
         stdout.print(f"path {i}: {steps} -> logit {graph.nodes[graph.logit_nodes()[0]].token!r}", markup=False)
     stdout.print(check.summary(), markup=False)
     stdout.print(f"wrote {path}", markup=False)
@@ -695,18 +695,6 @@ def _transcoder_set(loaded, transcoders: str) -> list:
     if (folder / "config.yaml").exists():
         return import_circuit_tracer(folder)
     return load_dictionaries(folder)
-
-
-def _node_label(node) -> str:
-    if node.kind == "feature":
-        return f"L{node.layer}/F{node.feature}@{node.token!r}"
-    if node.kind == "error":
-        return f"error L{node.layer}@{node.token!r}"
-    if node.kind == "head":
-        return f"L{node.layer}.H{node.feature}"
-    if node.kind == "mlp":
-        return f"L{node.layer}.MLP"
-    return repr(node.token)
 
 
 @app.command()

@@ -43,6 +43,19 @@ class Node:
             return f"mlp:{self.layer}"
         return f"logit:{self.position}:{self.feature}"
 
+    @property
+    def label(self) -> str:
+        """A short human label: `L3/F12@' cat'`, `error L3@' cat'`, `L3.H2`, `L3.MLP`, or the token."""
+        if self.kind == "feature":
+            return f"L{self.layer}/F{self.feature}@{self.token!r}"
+        if self.kind == "error":
+            return f"error L{self.layer}@{self.token!r}"
+        if self.kind == "head":
+            return f"L{self.layer}.H{self.feature}"
+        if self.kind == "mlp":
+            return f"L{self.layer}.MLP"
+        return repr(self.token)
+
 
 @dataclass
 class Graph:

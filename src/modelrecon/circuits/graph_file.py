@@ -81,9 +81,8 @@ def _node_json(node: Node, n_layers: int, influence: float | None, target_logit:
     elif node.kind == "embedding":
         fields = {"feature": pos, "layer": "E", "jsNodeId": f"E_{node.feature}-{pos}", "clerp": ""}
     elif node.kind in ("head", "mlp"):
-        label = f"L{node.layer}.H{node.feature}" if node.kind == "head" else f"L{node.layer}.MLP"
         fields = {"feature": -1 if node.feature is None else node.feature, "layer": str(node.layer),
-                  "jsNodeId": node_json_id(node, n_layers), "clerp": label}  # fmt: skip
+                  "jsNodeId": node_json_id(node, n_layers), "clerp": node.label}  # fmt: skip
     else:
         prob = node.activation if node.activation is not None else 0.0
         fields = {"feature": node.feature, "layer": str(n_layers + 1), "jsNodeId": f"L_{node.feature}-{pos}",
