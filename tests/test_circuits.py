@@ -9,7 +9,7 @@ from modelrecon.circuits.replacement import ReplacementModel
 from modelrecon.dictionaries import Dictionary, DictionaryConfig
 from modelrecon.errors import BadInputError
 
-from conftest import cli
+from conftest import assert_one_line_error, cli
 from tiny import tiny_model
 
 PROMPT = "The cat sat on the mat"
@@ -121,6 +121,14 @@ def test_trace_command_writes_a_pruned_graph_and_checks_it(capsys, tmp_path, tin
     graph = load_graph(tmp_path / "graph" / "graph.json")
     assert graph.metadata["causal_check"]["count"] == 10
     assert 0 < sum(n.kind == "feature" for n in graph.nodes) <= 40 and graph.logit_nodes()
+    # dashboards need a cube of this model's MLP inputs: any other cube fails at once, before anything is written
+    from modelrecon.cube.capture import capture
+
+    capture(model, [PROMPT], tmp_path / "resid.zarr", sites=["layers.*.resid_post"], progress=False)
+    code, _, err = cli(capsys, "trace", PROMPT, "--model", tiny_llama_folder, "--transcoders", tmp_path / "tc",
+                       "--cube", tmp_path / "resid.zarr", "--out", tmp_path / "no-graph")  # fmt: skip
+    assert_one_line_error(code, err, "has no mlp.in activations")
+    assert not (tmp_path / "no-graph").exists()
 
 
 def test_feature_interventions_direct_and_total(setup):

@@ -648,7 +648,7 @@ def trace(
         from modelrecon.circuits.replacement import ReplacementModel
 
         rm = ReplacementModel(loaded, _transcoder_set(loaded, transcoders))
-        corpus_cube = _open_cube_for(cube)
+        corpus_cube = _open_cube_for(cube, loaded.name)
         graph = attribute(loaded, prompt, rm, target=target, wrong=wrong, max_feature_nodes=max_features,
                           batch_size=batch_size)  # fmt: skip
         check = causal_check(rm, rm.clean(graph.token_ids), graph, n_features=check_features)
@@ -673,15 +673,15 @@ def trace(
     stdout.print(f"view it: modelrecon serve {out}", markup=False)
 
 
-def _open_cube_for(path: Path | None):
-    """The dashboards' cube, opened before the long work so a bad path fails at once."""
+def _open_cube_for(path: Path | None, model_name: str):
+    """The dashboards' cube, opened and checked before the long work so a bad one fails at once."""
     if path is None:
         return None
     from modelrecon.cube.reader import Cube
+    from modelrecon.explain.dashboards import check_cube
 
     cube = Cube(path)
-    if "mlp.in" not in cube.site_kinds:
-        raise BadInputError(f"cube {path} has no mlp.in activations; capture with --sites 'layers.*.mlp.in'")
+    check_cube(cube, model_name)
     return cube
 
 

@@ -41,15 +41,27 @@ def _token_values(tokenizer, top, sign: float) -> list:
     return [[tokenizer.decode([int(i)]), sign * float(v)] for v, i in zip(top.values, top.indices, strict=True)]
 
 
-def _window(tokens: list[str], acts: np.ndarray, start: int, focus: int, window: int) -> dict:
-    lo, hi = max(start, focus - window), min(start + len(tokens), focus + window + 1)
+def _window(texts: list[str], acts: np.ndarray, prompt: slice, focus: int, window: int) -> dict:
+    """Cube row `focus` with `window` tokens each side, within its prompt's rows `prompt`."""
+    lo, hi = max(prompt.start, focus - window), min(prompt.stop, focus + window + 1)
     return {
-        "position": focus - start,
-        "tokens": tokens[lo - start : hi - start],
+        "position": focus - prompt.start,
+        "tokens": texts[lo:hi],
         "acts": [round(float(a), 4) for a in acts[lo:hi]],
         "focus": focus - lo,
         "value": float(acts[focus]),
     }
+
+
+def check_cube(cube: Cube, model_name: str) -> None:
+    """A one-line error unless `cube` holds the `mlp.in` activations of `model_name`."""
+    if "mlp.in" not in cube.site_kinds:
+        raise BadInputError(
+            f"cube {cube.path} has no mlp.in activations (it has {', '.join(cube.site_kinds)}); capture one with "
+            "modelrecon capture --sites 'layers.*.mlp.in' --prompts TEXT --out CUBE"
+        )
+    if cube.metadata["model"]["name"] != model_name:
+        raise BadInputError(f"cube {cube.path} was captured on {cube.metadata['model']['name']}, not {model_name}")
 
 
 def feature_dashboards(
@@ -66,19 +78,13 @@ def feature_dashboards(
     seed: int = 0,
 ) -> dict:
     """Dashboards of `(layer, feature)` pairs from `cube`'s `mlp.in` activations (module docstring)."""
-    if "mlp.in" not in cube.site_kinds:
-        raise BadInputError(
-            f"cube {cube.path} has no mlp.in activations (it has {', '.join(cube.site_kinds)}); capture one with "
-            "modelrecon capture --sites 'layers.*.mlp.in' --prompts TEXT --out CUBE"
-        )
-    if cube.metadata["model"]["name"] != rm.model.name:
-        raise BadInputError(f"cube {cube.path} was captured on {cube.metadata['model']['name']}, not {rm.model.name}")
+    check_cube(cube, rm.model.name)
     wanted: dict[int, list[int]] = {}
     for layer, feature in features:
         wanted.setdefault(int(layer), []).append(int(feature))
     table = cube.token_table()
     prompt_of, texts = table["prompt_index"], table["text"]
-    starts = {p: cube.prompt_tokens(p).start for p in range(cube.n_prompts)}
+    spans = [cube.prompt_tokens(p) for p in range(cube.n_prompts)]
     unembed = rm.model.hf.get_output_embeddings().weight.detach().float()
     generator = np.random.default_rng(seed)
     out: dict[str, dict] = {}
@@ -93,8 +99,7 @@ def feature_dashboards(
 
             def example(token: int, a=a) -> dict:
                 prompt = int(prompt_of[token])
-                rows = cube.prompt_tokens(prompt)
-                return {"prompt": prompt, **_window(texts[rows.start : rows.stop], a, starts[prompt], token, window)}
+                return {"prompt": prompt, **_window(texts, a, spans[prompt], token, window)}
 
             firing = np.flatnonzero(a > 0)
             top = firing[np.argsort(-a[firing], kind="stable")][:k]
