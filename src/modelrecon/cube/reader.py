@@ -209,17 +209,17 @@ class Cube:
         k = min(k, len(column))
         best = np.argpartition(-column, k - 1)[:k] if k else np.array([], dtype=int)
         best = best[np.argsort(-column[best], kind="stable")]
-        return [self.example_at(int(token), float(column[token]), window) for token in best]
-
-    def example_at(self, token: int, value: float, window: int = 8) -> Example:
-        """The token at cube row `token` with `window` tokens of context on each side (same prompt)."""
-        prompt = int(self._group["tokens/prompt_index"][token])
-        rows = self.prompt_tokens(prompt)
-        texts = self.str_tokens(prompt)
-        position = token - rows.start
-        lo, hi = max(0, position - window), min(len(texts), position + window + 1)
-        context = "".join(texts[lo:position]) + "[[" + texts[position] + "]]" + "".join(texts[position + 1 : hi])
-        return Example(value, prompt, position, texts[position], context)
+        prompt_index = self._group["tokens/prompt_index"][:]
+        examples = []
+        for token in best:
+            prompt = int(prompt_index[token])
+            rows = self.prompt_tokens(prompt)
+            texts = self.str_tokens(prompt)
+            position = int(token) - rows.start
+            lo, hi = max(0, position - window), min(len(texts), position + window + 1)
+            context = "".join(texts[lo:position]) + "[[" + texts[position] + "]]" + "".join(texts[position + 1 : hi])
+            examples.append(Example(float(column[token]), prompt, position, texts[position], context))
+        return examples
 
     # --- display -------------------------------------------------------------------------------------------------
     def size_on_disk(self) -> int:
