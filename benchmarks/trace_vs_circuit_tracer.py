@@ -105,7 +105,10 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     model = load(args.model_dir)
-    transcoders = import_circuit_tracer(args.transcoders)
+    from modelrecon.circuits.replacement import ReplacementModel
+
+    # built once, outside the timed calls, as circuit-tracer's ReplacementModel is
+    transcoders = ReplacementModel(model, import_circuit_tracer(args.transcoders))
     ids = json.loads(Path(args.ids).read_text())
     prompt = "".join(model.tokenizer.convert_ids_to_tokens(ids[1:]))  # one character per token
     if model.encode(prompt) != ids:

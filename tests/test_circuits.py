@@ -87,6 +87,44 @@ def test_edges_are_the_effects_of_doubling_a_feature_with_everything_downstream_
             assert a.layer < b.layer
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma"])
+def test_every_family_of_the_replacement_model_gets_exact_edges(family):
+    """Sliding windows (mistral), q/k/v biases (qwen2), q/k norms and a head size of its own (qwen3), norms that
+    scale by 1 + weight (gemma): the attribution pass must match each model's own forward pass."""
+    model = tiny_model(family, seed=1)
+    rm = ReplacementModel(model, _transcoders(model, seed=1))
+    clean = rm.clean(model.encode(PROMPT))
+    graph = attribute(model, PROMPT, rm, max_feature_nodes=1000, progress=False)
+    assert graph.metadata["edge_check_error"] < 1e-5
+    logit = graph.logit_nodes()[0]
+    base = _pre_activation(rm, clean, graph.nodes[logit])
+    sources = [(s, w) for s, w in graph.inputs_of(logit, top=graph.n_nodes) if graph.nodes[s].kind == "feature"]
+    for source, weight in sources[:3]:
+        node = graph.nodes[source]
+        features = [f.clone()[None] for f in clean.features]
+        features[node.layer][0, node.position, node.feature] *= 2
+        assert _pre_activation(rm, clean, graph.nodes[logit], features) - base == pytest.approx(weight, abs=1e-4)
+
+
+def test_the_edge_check_catches_one_wrong_edge(setup):
+    from modelrecon.circuits.attribute import NodeIndex
+    from modelrecon.circuits.jacobian import Jacobian, Target, check_edges
+
+    model, rm, clean = setup
+    token = int(clean.logits.argmax())
+    index = NodeIndex.build(clean, [token])
+    targets = [Target("logit", token=token)] + [Target("feature", layer=k[1], position=k[2], feature=k[3])
+                                                for k in index.keys if k[0] == "feature" and k[1] == 1][:5]  # fmt: skip
+    nodes = [index.logit(token)] + [index.keys.index(("feature", 1, t.position, t.feature)) for t in targets[1:]]
+    rows, sources, weights = Jacobian(rm, clean).effects(targets, index)
+    edges = (torch.tensor(nodes)[rows], sources, weights)
+    assert check_edges(rm, clean, index, edges, targets, nodes) < 1e-5
+    strongest = int(weights.abs().argmax())
+    wrong = weights.clone()
+    wrong[strongest] *= 1.1
+    assert check_edges(rm, clean, index, (edges[0], sources, wrong), targets, nodes) > 1e-3
+
+
 def test_logit_targets_and_budget(setup):
     model, rm, clean = setup
     graph = attribute(model, PROMPT, rm.dictionaries, max_feature_nodes=10, progress=False)

@@ -165,6 +165,8 @@ def test_hooks_removed_also_when_forward_raises():
     assert AttentionInterface._global_mapping == mapping_before
     with pytest.raises(BadInputError, match="must return a tensor of shape"):
         mr.run(m, "hello", edit={"layers.0.attn.out": lambda v, ctx: v[:, :1]})
+    with pytest.raises(BadInputError, match="must return a tensor of shape"):  # batch 1 broadcasts; nothing else
+        mr.run(m, ["hello", "world"], edit={"layers.0.attn.pattern": lambda v, ctx: v[:, :1]})
     assert _hook_count(m) == hooks_before
 
 

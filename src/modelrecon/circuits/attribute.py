@@ -1,38 +1,29 @@
 """Attribution graphs: the direct effects between a prompt's active transcoder features, error terms, token
-embeddings and target logits, computed with batched backward passes through the replacement model.
+embeddings and target logits, computed with batched backward passes through the frozen replacement model.
 
-Each backward pass has one row per target node (a logit, or a feature's encoder pre-activation); the gradient at
-every source leaf times the source's value is the source's direct effect on that target. Logit rows come first,
-then feature rows in order of their influence on the logits so far (up to `max_feature_nodes`), so the budget goes
-to the features that matter. Only edges between kept nodes are stored, as edge lists.
+Each backward pass (`jacobian.Jacobian`) has one row per target node (a logit, or a feature's encoder
+pre-activation); the gradient at every source times the source's value is the source's direct effect on that target.
+Logit rows come first, then feature rows in order of their influence on the logits so far (up to
+`max_feature_nodes`), so the budget goes to the features that matter; the features chosen between two rankings are
+batched by position, because a batch only runs over the positions up to its last target's. Only edges between kept
+nodes are stored, as edge lists, and every graph's edges are checked against an exact intervention on the
+unmodified model (`jacobian.check_edges`).
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 
 from modelrecon.circuits.graph import Graph, Node
+from modelrecon.circuits.jacobian import Jacobian, Target, _per_position, check_edges
 from modelrecon.circuits.prune import influence
 from modelrecon.circuits.replacement import CleanRun, ReplacementModel
 from modelrecon.errors import BadInputError
 from modelrecon.models.model import Model
 from modelrecon.progress import token_progress
-
-
-@dataclass(frozen=True)
-class Target:
-    """A row of the graph: a logit (`token` id) or a feature's pre-activation (`layer`, `position`, `feature`)."""
-
-    kind: str  # "logit" | "feature"
-    token: int | None = None
-    wrong: int | None = None  # a logit-difference target: logit(token) - logit(wrong)
-    layer: int | None = None
-    position: int | None = None
-    feature: int | None = None
 
 
 def single_token(model: Model, text: str) -> int:
@@ -63,90 +54,15 @@ def _special(model: Model) -> set[int]:
     return set(getattr(model.tokenizer, "all_special_ids", []) or [])
 
 
-def _seeds(targets: list[Target], logits: torch.Tensor, mlp_in: list[torch.Tensor], rm: ReplacementModel):
-    """(outputs, gradient seeds) whose backward pass gives every target row its own gradient: a logit row seeds
-    `d(logit - mean logit)` (or `- wrong logit`) on the logits, a feature row its encoder vector on its layer's MLP
-    input. Seeding the tensors directly (rather than summing selected scalars) keeps the backward pass from building
-    a full-size zero gradient per row."""
-    outputs, seeds = [], []
-    logit_seed = torch.zeros_like(logits)
-    by_layer: dict[int, list[tuple[int, int, int]]] = {}
-    for row, t in enumerate(targets):
-        if t.kind == "logit":
-            if t.wrong is None:
-                logit_seed[row] -= 1.0 / logits.shape[-1]
-            else:
-                logit_seed[row, t.wrong] -= 1.0
-            logit_seed[row, t.token] += 1.0
-        else:
-            by_layer.setdefault(t.layer, []).append((row, t.position, t.feature))
-    layer_seeds = {}
-    for layer, picks in by_layer.items():
-        rows, positions, features = torch.tensor(picks).T
-        seed = torch.zeros_like(mlp_in[layer])
-        vectors = rm.encoder_vector(layer, features).T.to(seed.dtype)  # [targets, d]
-        layer_seeds[layer] = seed.index_put_((rows, positions), vectors, accumulate=True)
-    if logit_seed.any():
-        outputs.append(logits)
-        seeds.append(logit_seed)
-    for layer, seed in layer_seeds.items():
-        outputs.append(mlp_in[layer])
-        seeds.append(seed)
-    return outputs, seeds
-
-
-class BackwardRows:
-    """One forward pass of `rows` copies of the prompt through the replacement model, kept for every batch of targets:
-    the linearised model does not depend on the targets, so each batch costs one backward pass only."""
-
-    def __init__(self, rm: ReplacementModel, clean: CleanRun, rows: int) -> None:
-        self.rm, self.clean, self.rows = rm, clean, rows
-        self._stack = ExitStack()
-        self._stack.enter_context(torch.enable_grad())
-        self.leaves = self._stack.enter_context(rm.linearised(clean, rows, active_only=True))
-        batch = rm.model.batch_from_ids([clean.ids] * rows)
-        self.logits = rm.model.forward(batch, last_only=True)[:, -1]
-
-    def __enter__(self) -> BackwardRows:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-
-    def effects(self, targets: list[Target], index: NodeIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The direct inputs of each target (at most `rows`), as (row, source node, weight) tensors in `index`'s
-        numbering (sources at position 0, a BOS or attention sink, are held constant and left out)."""
-        rm, clean, leaves = self.rm, self.clean, self.leaves
-        with torch.enable_grad():
-            outputs, seeds = _seeds(targets, self.logits, leaves["mlp_in"], rm)
-            inputs = [leaves["embed"], *leaves["features"], *leaves["errors"]]
-            grads = torch.autograd.grad(outputs, inputs, seeds, allow_unused=True, retain_graph=True)
-        n, rows = rm.n_layers, len(targets)
-        pieces = [((grads[0][:rows] * clean.embed).sum(-1), index.embeddings)]  # [rows, pos] effects, [pos] nodes
-        for layer in range(n):
-            if grads[1 + layer] is not None:
-                positions, latents, nodes = index.active[layer]
-                valid = leaves["active"][layer][1]  # the leaf holds the active features per position, padded
-                pieces.append((grads[1 + layer][:rows][:, valid] * clean.features[layer][positions, latents], nodes))
-            if grads[1 + n + layer] is not None:
-                pieces.append(((grads[1 + n + layer][:rows] * clean.errors[layer]).sum(-1), index.errors[layer]))
-        out_rows, out_sources, out_weights = [], [], []
-        for effect, nodes in pieces:
-            mask = (effect != 0) & (nodes >= 0)[None]
-            where = mask.nonzero(as_tuple=True)
-            out_rows.append(where[0])
-            out_sources.append(nodes.expand_as(effect)[where])
-            out_weights.append(effect[where].float())
-        return torch.cat(out_rows), torch.cat(out_sources), torch.cat(out_weights)
-
-
 @dataclass
 class NodeIndex:
     """Every candidate node of a prompt's graph, numbered: active features (per layer, their positions, latents and
-    node numbers, -1 at position 0), error nodes (per layer `[pos]`, -1 at position 0), embeddings `[pos]`, then the
+    node numbers, -1 at position 0; and the same numbers per position padded as the Jacobian's features, `grid`
+    `[pos, k]`, -1 in the padding), error nodes (per layer `[pos]`, -1 at position 0), embeddings `[pos]`, then the
     logits."""
 
     active: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    grid: list[torch.Tensor]
     errors: list[torch.Tensor]
     embeddings: torch.Tensor
     keys: list[
@@ -164,13 +80,15 @@ class NodeIndex:
             keys.extend(key(*w) for w in where.tolist())
             return out
 
-        active = []
+        active, grid = [], []
         for layer, acts in enumerate(clean.features):
             mask = acts > 0
-            positions, latents = mask.nonzero(as_tuple=True)  # the order of the replacement model's sparse leaf
+            positions, latents = mask.nonzero(as_tuple=True)
             mask[0] = False  # position 0 (BOS, an attention sink) is held constant: no node
             numbers = number(mask, lambda p, f, layer=layer: ("feature", layer, p, f))
             active.append((positions, latents, numbers[positions, latents]))
+            _, valid = _per_position(acts)
+            grid.append(torch.full(valid.shape, -1, dtype=torch.int64).masked_scatter_(valid, active[-1][2]))
         positions = torch.ones(len(clean.ids), dtype=torch.bool)
         errors = []
         for layer in range(len(clean.errors)):
@@ -179,7 +97,7 @@ class NodeIndex:
             errors.append(number(mask, lambda p, layer=layer: ("error", layer, p)))
         embeddings = number(positions, lambda p: ("embedding", p))
         keys.extend(("logit", t) for t in logit_tokens)
-        return cls(active, errors, embeddings, keys)
+        return cls(active, grid, errors, embeddings, keys)
 
     def logit(self, token: int) -> int:
         return self.keys.index(("logit", token))
@@ -221,32 +139,43 @@ def attribute(
     expanded = torch.zeros(len(index.keys), dtype=torch.bool)
     budget = min(max_feature_nodes, len(features))
 
+    jacobian = Jacobian(rm, clean)
+
     def run_rows(nodes: list[int], chunk: list[Target]) -> None:
-        rows, sources, weights = backward.effects(chunk, index)
+        rows, sources, weights = jacobian.effects(chunk, index)
         edges.append((torch.tensor(nodes)[rows], sources, weights))
         expanded[nodes] = True
 
-    with (
-        BackwardRows(rm, clean, batch_size) as backward,
-        token_progress(budget, enabled=progress, label="attribution", unit="features", rate_unit="row") as advance,
-    ):
-        for chunk in _chunks([(index.logit(t), Target("logit", token=t, wrong=wrong_id)) for t, _ in logits],
-                             batch_size):  # fmt: skip
+    def feature_target(node: int) -> Target:
+        _, layer, position, feature = index.keys[node]
+        return Target("feature", layer=layer, position=position, feature=feature)
+
+    logit_rows = [(index.logit(t), Target("logit", token=t, wrong=wrong_id)) for t, _ in logits]
+    with token_progress(budget, enabled=progress, label="attribution", unit="features", rate_unit="row") as advance:
+        for chunk in _chunks(logit_rows, batch_size):
             run_rows([n for n, _ in chunk], [t for _, t in chunk])
-        ranked, batches = torch.tensor(features, dtype=torch.int64), 0
-        while int(expanded[features].sum()) < budget:
-            # rank by influence only when not every feature gets a row, and every `rank_every` batches
-            if budget < len(features) and batches % rank_every == 0:
+        ranked, done = torch.tensor(features, dtype=torch.int64), 0
+        while done < budget:
+            window = budget  # every feature gets a row: no ranking needed
+            if budget < len(features):  # the next `rank_every` batches go to the most influential features so far
                 targets, sources, weights = (torch.cat(x) for x in zip(*edges, strict=True))
                 scores = influence(len(index.keys), sources, targets, weights, logit_weights)
                 ranked = ranked[scores[ranked].argsort(descending=True, stable=True)]
-            pending = ranked[~expanded[ranked]]
-            batches += 1
-            chosen = pending[: min(batch_size, budget - int(expanded[features].sum()))].tolist()
-            run_rows(chosen, [Target("feature", layer=k[1], position=k[2], feature=k[3])
-                              for k in (index.keys[n] for n in chosen)])  # fmt: skip
-            advance(len(chosen))
+                window = rank_every * batch_size
+            chosen = ranked[~expanded[ranked]][: min(window, budget - done)].tolist()
+            chosen.sort(key=lambda node: index.keys[node][2])  # by position: a batch runs up to its last position
+            for chunk in _chunks(chosen, batch_size):
+                run_rows(chunk, [feature_target(n) for n in chunk])
+                advance(len(chunk))
+            done += len(chosen)
     targets, sources, weights = (torch.cat(x) for x in zip(*edges, strict=True))
+    attributed = torch.tensor(features, dtype=torch.int64)[expanded[features]].tolist()
+    check_error = check_edges(rm, clean, index, (targets, sources, weights),
+                              [t for _, t in logit_rows] + [feature_target(n) for n in attributed],
+                              [n for n, _ in logit_rows] + attributed)  # fmt: skip
+    if check_error > (1e-3 if clean.embed.dtype == torch.float32 else 0.1):
+        raise BadInputError(f"the attribution pass disagrees with the model's own forward pass (relative error "
+                            f"{check_error:.1e}): this architecture is outside what the replacement model supports")  # fmt: skip
     kept = expanded | torch.tensor([key[0] != "feature" for key in index.keys])
     graph = _assemble(model, prompt, ids, clean, index, kept, (sources, targets, weights), logits)
     if wrong is not None:  # the logit node stands for the difference
@@ -261,6 +190,7 @@ def attribute(
         "n_layers": model.n_layers,
         "max_feature_nodes": max_feature_nodes,
         "transcoders": [d.config.provenance for d in rm.dictionaries[:1]],
+        "edge_check_error": check_error,
         "seconds": time.perf_counter() - start,
     }
     return graph
@@ -276,14 +206,16 @@ def _assemble(model, prompt, ids, clean: CleanRun, index: NodeIndex, kept: torch
     and the edges between them."""
     tokens = [model.tokenizer.decode([i]) for i in ids]
     probability = dict(logits)
-    nodes, new_index = [], torch.full((len(index.keys),), -1, dtype=torch.int64)
-    for n, key in enumerate(index.keys):
-        if not kept[n]:
+    activation = {}  # node number -> feature activation
+    for layer, (positions, latents, numbers) in enumerate(index.active):
+        activation.update(zip(numbers.tolist(), clean.features[layer][positions, latents].tolist(), strict=True))
+    nodes = []
+    for n, key, keep in zip(range(len(index.keys)), index.keys, kept.tolist(), strict=True):
+        if not keep:
             continue
-        new_index[n] = len(nodes)
         if key[0] == "feature":
             _, layer, p, f = key
-            nodes.append(Node("feature", p, layer, f, float(clean.features[layer][p, f]), tokens[p]))
+            nodes.append(Node("feature", p, layer, f, activation[n], tokens[p]))
         elif key[0] == "error":
             nodes.append(Node("error", key[2], key[1], token=tokens[key[2]]))
         elif key[0] == "embedding":
@@ -291,6 +223,7 @@ def _assemble(model, prompt, ids, clean: CleanRun, index: NodeIndex, kept: torch
         else:
             nodes.append(Node("logit", len(ids) - 1, feature=key[1], activation=probability[key[1]],
                               token=model.tokenizer.decode([key[1]])))  # fmt: skip
+    new_index = torch.where(kept, kept.cumsum(0) - 1, -1)
     sources, targets, weights = edges
     keep = kept[sources] & kept[targets]
     return Graph(prompt, tokens, list(ids), model.name, nodes, new_index[sources[keep]], new_index[targets[keep]],

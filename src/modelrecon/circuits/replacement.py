@@ -125,25 +125,6 @@ class ReplacementModel:
             return c.b_dec[layer] + sum(features[i] @ c.W_dec[i][:, layer - i] for i in range(layer + 1))
         return decode(self.transcoders[layer], features[layer], x)
 
-    def decode_active(self, layer: int, active: list, values: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """`decode_layer` with the features given per position: for each layer `i <= layer`, `active[i]` holds the
-        latents active at each position padded to a common count (`latents [pos, k]`, `valid [pos, k]`) and
-        `values[i]` their activations `[rows, pos, k]` (0 in the padding). Only these write, one decoder row each, so
-        the backward pass to the values is a batched `rows x pos x k x d` product, not a dense `rows x pos x width x d`
-        one."""
-        if self.clt is not None:
-            c = self.clt
-            out = c.b_dec[layer].expand(*x.shape[:-1], -1)
-            pieces = [(active[i], values[i], c.W_dec[i][:, layer - i]) for i in range(layer + 1)]
-        else:
-            t = self.transcoders[layer]
-            out = decode(t, x.new_zeros(*x.shape[:-1], t.config.width), x)  # bias and skip path
-            pieces = [(active[layer], values[layer], t.W_dec[0][:, 0] / t.output_scale[0])]
-        for (latents, valid), v, decoder in pieces:
-            rows_of_decoder = decoder[latents] * valid[..., None]  # [pos, k, d], padding rows zero
-            out = out + torch.einsum("rpk,pkd->rpd", v, rows_of_decoder)
-        return out
-
     @property
     def n_layers(self) -> int:
         return self.model.n_layers
@@ -170,8 +151,7 @@ class ReplacementModel:
 
     @contextmanager
     def linearised(self, clean: CleanRun, rows: int, features: list[torch.Tensor] | None = None,
-                   live: bool = False, active_only: bool = False,
-                   live_features: bool | None = None) -> Iterator[dict]:  # fmt: skip
+                   live: bool = False, live_features: bool | None = None) -> Iterator[dict]:  # fmt: skip
         """Hooks for a forward pass of `rows` copies of the clean prompt through the replacement model.
 
         Yields the leaves (`embed` [rows, pos, d], per layer `features` [rows, pos, width] and `errors` [rows, pos,
@@ -181,25 +161,14 @@ class ReplacementModel:
         their encoders (total effects); otherwise everything is frozen (direct effects). `live_features` (default:
         `live`) sets the second part alone: with `live=False, live_features=True` attention and norms stay frozen
         while later features respond, the linear world in which the graph's paths compose.
-        `active_only` (clean values, frozen): each layer's `features` leaf holds only its active features, per
-        position padded to a common count, `[rows, pos, k]` (`leaves["active"][layer]`: their latents and a validity
-        mask `[pos, k]`; `leaf[:, valid]` lists them in `(acts > 0).nonzero()` order), which makes the backward pass to
-        them cheap (`decode_active`).
         """
         model, n = self.model, self.n_layers
         live_features = live if live_features is None else live_features
-        if active_only and (features is not None or live or live_features):
-            raise ValueError("active_only is for the clean, frozen pass")
         batch = model.batch_from_ids([clean.ids] * rows)
         values = features if features is not None else [f.expand(rows, -1, -1) for f in clean.features]
-        active = [_per_position(f) for f in clean.features] if active_only else None
-        if active_only:
-            values = [(f.gather(-1, lat) * valid).expand(rows, -1, -1)
-                      for f, (lat, valid) in zip(clean.features, active, strict=True)]  # fmt: skip
         leaves = {
             "embed": clean.embed.expand(rows, -1, -1).clone().requires_grad_(True),
             "features": [f.clone().requires_grad_(True) for f in values],
-            "active": active,
             "errors": [e.expand(rows, -1, -1).clone().requires_grad_(True) for e in clean.errors],
             "mlp_in": [None] * n,
             "current": [None] * n,
@@ -208,9 +177,7 @@ class ReplacementModel:
         if not live:
             for layer in range(n):
                 pattern = clean.patterns[layer]
-                edit[site_name("attn.pattern", layer)] = lambda value, ctx, p=pattern: (
-                    p[None].expand_as(value).to(value)
-                )
+                edit[site_name("attn.pattern", layer)] = lambda value, ctx, p=pattern: p[None].to(value)
         with ExitStack() as stack:
             if not live:
                 for module, scale in zip(self._norms(), clean.norm_scales, strict=True):
@@ -236,31 +203,30 @@ class ReplacementModel:
             return self.model.forward(self.model.batch_from_ids([clean.ids] * rows), last_only=True)[:, -1]
 
 
-def _per_position(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The active latents of each position of `acts [pos, width]`, ascending and padded to the largest count:
-    (`latents [pos, k]`, `valid [pos, k]`)."""
-    active = acts > 0
-    k = max(1, int(active.sum(-1).max()))
-    order = torch.sort((~active).to(torch.int8), dim=-1, stable=True).indices[:, :k]  # active latents first
-    return order, active.gather(-1, order)
+def norm_gain(module: torch.nn.Module) -> torch.Tensor:
+    """What an RMS norm multiplies the normalised input by, `[d]` (Gemma's norms scale by 1 + weight)."""
+    weight = getattr(module, "weight", None)
+    if weight is None or "RMSNorm" not in type(module).__name__:
+        raise BadInputError(f"freezing {type(module).__name__} is not supported; the replacement model needs RMS norms")
+    offset = 1.0 if "Gemma" in type(module).__name__ else 0.0
+    return offset + weight.detach().float()
 
 
 @contextmanager
 def _frozen_scale(module: torch.nn.Module, scale: torch.Tensor | None = None, record: list | None = None):
     """An RMS norm made linear: its scale 1/rms(x) fixed at `scale` (the clean run's, `[pos, 1]`). With `record`,
     the norm runs as usual and its scale is appended there (how the clean run collects them)."""
+    gain = norm_gain(module)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    weight = getattr(module, "weight", None)
-    if eps is None or weight is None or "RMSNorm" not in type(module).__name__:
+    if eps is None:
         raise BadInputError(f"freezing {type(module).__name__} is not supported; the replacement model needs RMS norms")
-    offset = 1.0 if "Gemma" in type(module).__name__ else 0.0  # Gemma's norms scale by 1 + weight
 
     def hook(mod, args, output):
         x = args[0]
         if record is not None:
             record.append(torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)[0].detach())
             return None
-        return ((offset + weight.float()) * (x.float() * scale.to(x.device))).to(output.dtype)
+        return (gain.to(x.device) * (x.float() * scale.to(x.device))).to(output.dtype)
 
     handle = module.register_forward_hook(hook)
     try:
@@ -282,8 +248,6 @@ def _replaced_mlp(module, rm: ReplacementModel, leaves: dict, layer: int, live: 
             changed = f.detach() != clean.features[layer][None]
             f = torch.where(changed, f, rm.encode_layer(layer, x))
         leaves["current"][layer] = f
-        if leaves["active"] is not None:
-            return rm.decode_active(layer, leaves["active"], leaves["current"], x) + leaves["errors"][layer]
         return rm.decode_layer(layer, leaves["current"], x) + leaves["errors"][layer]
 
     handle = module.register_forward_hook(hook)

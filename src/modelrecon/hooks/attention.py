@@ -38,9 +38,19 @@ def _additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Te
 
 
 def _output_from_pattern(pattern: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """pattern [batch, head, q, k] @ value [batch, kv_head, k, d] -> [batch, q, head, d], grouped-query aware."""
-    value = value.repeat_interleave(pattern.shape[1] // value.shape[1], dim=1)
-    return torch.matmul(pattern.to(value.dtype), value).transpose(1, 2).contiguous()
+    """pattern [batch, head, q, k] @ value [batch, kv_head, k, d] -> [batch, q, head, d], grouped-query aware. A
+    pattern with batch 1 serves every row (a frozen pattern): one matmul per kv head with the rows side by side, so
+    the pattern is never copied per row and the backward pass is a few large products, not batch x head small ones."""
+    batch, kv_heads, k, d = value.shape
+    heads, q = pattern.shape[1], pattern.shape[2]
+    group = heads // kv_heads
+    pattern = pattern.to(value.dtype)
+    if pattern.shape[0] == 1 and batch > 1:
+        rows_side_by_side = value.permute(1, 2, 0, 3).reshape(kv_heads, k, batch * d)
+        out = torch.matmul(pattern[0].reshape(kv_heads, group * q, k), rows_side_by_side)
+        return out.view(kv_heads, group, q, batch, d).permute(3, 2, 0, 1, 4).reshape(batch, q, heads, d)
+    value = value.repeat_interleave(group, dim=1)
+    return torch.matmul(pattern, value).transpose(1, 2).contiguous()
 
 
 @contextmanager
@@ -66,13 +76,15 @@ def patterns_through(implementation: str, handlers: dict[nn.Module, tuple[Patter
         eager = _eager_of(module)
         if original is None:  # the model runs eager attention already: its probabilities are the real ones
             output, pattern = eager(module, query, key, value, attention_mask, **kwargs)
+        elif rewrite:  # the output is recomputed from the pattern: the model's own implementation is not needed
+            output, pattern = eager(module, query, key, value, _additive_mask(attention_mask, query, key), **kwargs)
         else:
             output, weights = own(module, query, key, value, attention_mask, **kwargs)
             _, pattern = eager(module, query, key, value, _additive_mask(attention_mask, query, key), **kwargs)
         new_pattern = handler(pattern)
         if rewrite:
             pattern = pattern if new_pattern is None else new_pattern
-            return _output_from_pattern(pattern, value), pattern
+            return _output_from_pattern(pattern, value), pattern.expand(value.shape[0], -1, -1, -1)
         return output, (pattern if original is None else weights)
 
     mapping[implementation] = attention

@@ -30,7 +30,7 @@ class HookContext:
 
 
 # An edit gets the site's value as the forward pass holds it ([batch, pos, ...]; patterns [batch, head, q, k]) and
-# returns the new value (same shape) or None to leave it.
+# returns the new value (same shape, or batch 1 for one value shared by every row) or None to leave it.
 EditFn = Callable[[torch.Tensor, HookContext], torch.Tensor | None]
 
 
@@ -86,13 +86,16 @@ class _SiteHooks:
             site_info = parse_site(site)
             new = self.edit[site](value, HookContext(site, site_info.layer, self.batch))
             if new is not None:
-                if not isinstance(new, torch.Tensor) or new.shape != value.shape:
+                if not isinstance(new, torch.Tensor) or not _fits(new.shape, value.shape):
                     got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
                     raise BadInputError(
                         f"edit of '{site}' returned {got}; "
-                        f"it must return a tensor of shape {tuple(value.shape)} or None"
+                        f"it must return a tensor of shape {tuple(value.shape)} (or batch 1) or None"
                     )
-                value = new
+                # a pattern shared by every row stays unexpanded (the attention output is computed from it as one
+                # product), unless rows are recorded or differentiated one by one
+                shared = site_info.kind == "attn.pattern" and site not in self.record and site not in self.grad
+                value = new if shared else new.expand(value.shape)
         if site in self.grad:
             if not value.requires_grad and value.grad_fn is None and torch.is_grad_enabled():
                 value.requires_grad_(True)  # an edit wrote a fresh tensor (e.g. an interpolation): differentiate it
@@ -104,6 +107,11 @@ class _SiteHooks:
         if site in self.record:
             self.trace.acts[site].extend(self.per_prompt(site, value))
         return value
+
+
+def _fits(shape: torch.Size, to: torch.Size) -> bool:
+    """An edit's value has the site's shape, or batch 1 (one value for every row)."""
+    return shape == to or (len(shape) == len(to) and shape[0] == 1 and shape[1:] == to[1:])
 
 
 def _first(output):

@@ -1,0 +1,241 @@
+"""The frozen replacement model's backward pass, written out: the rows of the attribution graph.
+
+With attention patterns, norm scales and feature activations frozen, the replacement model is linear in its sources
+(token embeddings, feature activations, error terms), so a target's direct effects are one vector-Jacobian product:
+the gradient at each source times the source's value. `Jacobian` applies the transposed model layer by layer from the
+clean run's frozen quantities and the model's own weights. Compared with autograd through a batched forward pass it
+needs no forward pass at all, keeps nothing of one alive, and a batch of targets that all sit at positions <= p
+only touches positions 0..p (attention is causal), which is why `attribute` batches its targets by position.
+
+Written out, the pass knows the layer layout the replacement model accepts: pre-norm layers with RMS norms, separate
+q/k/v projections and an MLP whose output is added to the residual stream (Llama, Mistral, Qwen 2 and 3, Gemma 1).
+`check_edges` holds it to the unmodified model: it moves every source by its own random factor at once, runs the
+hooked replacement model forward, and each target must change by the sum of factor x edge weight over its edges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from modelrecon.circuits.replacement import CleanRun, ReplacementModel, norm_gain
+from modelrecon.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class Target:
+    """A row of the graph: a logit (`token` id) or a feature's pre-activation (`layer`, `position`, `feature`)."""
+
+    kind: str  # "logit" | "feature"
+    token: int | None = None
+    wrong: int | None = None  # a logit-difference target: logit(token) - logit(wrong)
+    layer: int | None = None
+    position: int | None = None
+    feature: int | None = None
+
+
+@dataclass
+class _Layer:
+    """One layer's frozen linear maps, with the norms' gains and scales folded in where they commute."""
+
+    value: torch.Tensor  # [kv_heads * d_head, d]: v_proj times the attention norm's gain
+    out: torch.Tensor  # [d, heads * d_head]: o_proj
+    pattern: torch.Tensor  # [kv_heads, group * q, k]: the frozen pattern times the attention norm's scale at k
+    mlp_gain: torch.Tensor  # [d]
+    mlp_scale: torch.Tensor  # [pos, 1]: the MLP norm's frozen 1/rms
+    skip: torch.Tensor | None  # [d_out, d_in] times the MLP norm's gain: a skip transcoder's linear path, transposed
+    writes: list[tuple[int, torch.Tensor]]  # (source layer i, decoder rows of i's active features [pos, k_i, d])
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, torch.nn.Linear) or weight is None:
+        raise BadInputError(f"the attribution pass reads linear projections; {type(module).__name__} is not one")
+    return weight.detach().float()
+
+
+class Jacobian:
+    """The transposed replacement model of one prompt (see the module docstring)."""
+
+    def __init__(self, rm: ReplacementModel, clean: CleanRun) -> None:
+        model, adapter = rm.model, rm.model.adapter
+        if adapter.qkv_layout != "separate":
+            raise BadInputError(f"the replacement model needs separate q/k/v projections ({adapter.family} fuses them)")
+        self.rm, self.clean = rm, clean
+        self.heads, self.kv_heads, self.d_head = model.n_heads, model.n_kv_heads, model.d_head
+        self.active = [_per_position(f) for f in clean.features]  # (latents [pos, k], valid [pos, k]) per layer
+        self.values = [f.float().gather(-1, lat) * valid for f, (lat, valid) in zip(clean.features, self.active,
+                                                                                       strict=True)]  # fmt: skip
+        norms, scales = rm._norms(), [s.float() for s in clean.norm_scales]
+        self.layers = []
+        for layer in range(rm.n_layers):
+            attn, mlp_gain = norm_gain(norms[2 * layer]), norm_gain(norms[2 * layer + 1])
+            pattern = clean.patterns[layer].float() * scales[2 * layer][:, 0]  # [heads, q, k] x scale at k
+            heads, pos = pattern.shape[0], pattern.shape[1]
+            skip = self._skip(layer)
+            self.layers.append(_Layer(
+                value=_weight(model.layer_module(layer, adapter.qkv[2])) * attn,
+                out=_weight(model.layer_module(layer, adapter.o_proj)),
+                pattern=pattern.reshape(self.kv_heads, heads // self.kv_heads * pos, pos),
+                mlp_gain=mlp_gain,
+                mlp_scale=scales[2 * layer + 1],
+                skip=None if skip is None else skip.T * mlp_gain,
+                writes=self._writes(layer),
+            ))  # fmt: skip
+        unembed = _weight(model.hf.get_output_embeddings())
+        self.unembed = unembed  # [vocab, d]
+        self.mean_unembed = unembed.mean(0)
+        self.final = norm_gain(norms[-1]) * scales[-1][-1]  # the final norm at the last position
+        self.embed = clean.embed.float()
+        self.errors = [e.float() for e in clean.errors]
+
+    def _skip(self, layer: int) -> torch.Tensor | None:
+        if self.rm.clt is not None:
+            return None
+        t = self.rm.transcoders[layer]
+        if t.W_skip is None:
+            return None
+        return (t.W_skip[0] * (t.input_scale[0] / t.output_scale[0])).detach().float()
+
+    def _writes(self, layer: int) -> list[tuple[int, torch.Tensor]]:
+        """Decoder rows of the active features that write to `layer`'s MLP output, per source layer."""
+        rm = self.rm
+        if rm.clt is not None:
+            decoders = [(i, rm.clt.W_dec[i][:, layer - i]) for i in range(layer + 1)]
+        else:
+            t = rm.transcoders[layer]
+            decoders = [(layer, t.W_dec[0][:, 0] / t.output_scale[0])]
+        out = []
+        for i, decoder in decoders:
+            latents, valid = self.active[i]
+            out.append((i, decoder.detach().float()[latents] * valid[..., None]))  # padding rows zero
+        return out
+
+    def effects(self, targets: list[Target], index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The direct inputs of each target as (row, source node, weight) tensors in `index`'s (a NodeIndex)
+        numbering; sources at position 0 (a BOS or attention sink, held constant) are left out.
+
+        One pass down the layers carries the targets' gradient at the residual stream `[rows, n, d]`, over the
+        positions `n` up to the last target's; each source's effect is its gradient times its value. A feature
+        target's row is zero above its layer, so the rows are sorted by layer (highest first) and each layer works
+        on the prefix of rows that have started."""
+        rm, n_layers = self.rm, self.rm.n_layers
+        last = len(self.clean.ids) - 1
+        start = [n_layers if t.kind == "logit" else t.layer for t in targets]  # the layer a row starts below
+        order = sorted(range(len(targets)), key=lambda r: -start[r])
+        targets, start = [targets[r] for r in order], [start[r] for r in order]
+        n = 1 + max(last if t.kind == "logit" else t.position for t in targets)
+        g = torch.zeros(len(targets), n, self.embed.shape[-1])
+        for row, t in enumerate(targets):
+            if t.kind == "logit":
+                other = self.mean_unembed if t.wrong is None else self.unembed[t.wrong]
+                g[row, last] = (self.unembed[t.token] - other) * self.final
+        pieces = []  # (effects [rows so far, n(, k)], their source nodes [n(, k)])
+        feature_grads: list[torch.Tensor | None] = [None] * n_layers  # a CLT's features write to several layers
+        for layer in reversed(range(n_layers)):
+            p = self.layers[layer]
+            above = sum(s > layer for s in start)  # rows whose gradient reaches this layer's MLP output
+            here = sum(s >= layer for s in start)  # and those whose target is this layer's MLP input
+            out = g[:above]  # the gradient at resid_post, so also at the MLP's output: the error's and decoders' input
+            pieces.append((_dot(out, self.errors[layer][:n]), index.errors[layer][:n]))
+            for i, decoder in p.writes:
+                grad = (out.transpose(0, 1) @ decoder[:n].transpose(1, 2)).transpose(0, 1)  # [rows, n, k]
+                if feature_grads[i] is None:
+                    feature_grads[i] = g.new_zeros(len(targets), n, decoder.shape[1])
+                feature_grads[i][:above] += grad
+            mlp_in = g.new_zeros(here, n, g.shape[-1]) if here > above or p.skip is None else None
+            if p.skip is not None:
+                mlp_in = out @ p.skip if mlp_in is None else mlp_in.index_copy_(0, torch.arange(above), out @ p.skip)
+            if here > above:  # seeds: a feature target's encoder direction at its position, through the norm's gain
+                rows = range(above, here)
+                positions = torch.tensor([targets[r].position for r in rows])
+                encoders = rm.encoder_vector(layer, torch.tensor([targets[r].feature for r in rows])).T.float()
+                mlp_in.index_put_((torch.tensor(rows), positions), encoders * p.mlp_gain, accumulate=True)
+            if mlp_in is not None:
+                g[:here].addcmul_(mlp_in, p.mlp_scale[:n])
+            g[:here] += self._attention_transposed(g[:here], p, n)
+        pieces.append((_dot(g, self.embed[:n]), index.embeddings[:n]))
+        for layer, grad in enumerate(feature_grads):
+            pieces.append((grad * self.values[layer][:n], index.grid[layer][:n]))
+        # every piece side by side, [rows, sources] (rows that had not started: zero), then one selection
+        rows = len(targets)
+        effects = torch.cat([torch.cat([e, e.new_zeros(rows - len(e), *e.shape[1:])]).reshape(rows, -1)
+                             for e, _ in pieces], 1)  # fmt: skip
+        nodes = torch.cat([nodes.reshape(-1) for _, nodes in pieces])
+        row, column = ((effects != 0) & (nodes >= 0)).nonzero(as_tuple=True)
+        return torch.tensor(order)[row], nodes[column], effects[row, column]
+
+    def _attention_transposed(self, g: torch.Tensor, p: _Layer, n: int) -> torch.Tensor:
+        """The gradient at the attention norm's input from the gradient at the attention's output, through the
+        frozen pattern (and norm scale): o_proj^T, then pattern^T per kv head with the rows side by side, then
+        v_proj^T (and the norm's gain)."""
+        rows, kv, dh = g.shape[0], self.kv_heads, self.d_head
+        group = self.heads // kv
+        heads = (g @ p.out).view(rows, n, kv, group, dh).permute(2, 3, 1, 0, 4).reshape(kv, group * n, rows * dh)
+        pos = p.pattern.shape[-1]
+        pattern = p.pattern.view(kv, group, pos, pos)[:, :, :n, :n].reshape(kv, group * n, n)
+        values = pattern.transpose(1, 2) @ heads  # [kv, k, rows * dh]
+        return values.view(kv, n, rows, dh).permute(2, 1, 0, 3).reshape(rows, n, kv * dh) @ p.value
+
+
+def _dot(grad: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Per row and position, gradient . value: `[rows, n, d]`, `[n, d]` -> `[rows, n]`."""
+    return (grad.transpose(0, 1) @ value.unsqueeze(-1)).squeeze(-1).T
+
+
+def _per_position(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The active latents of each position of `acts [pos, width]`, ascending and padded to the largest count:
+    (`latents [pos, k]`, `valid [pos, k]`); `x[valid]` lists them in `(acts > 0).nonzero()` order."""
+    active = acts > 0
+    k = max(1, int(active.sum(-1).max()))
+    order = torch.sort((~active).to(torch.int8), dim=-1, stable=True).indices[:, :k]  # active latents first
+    return order, active.gather(-1, order)
+
+
+@torch.no_grad()
+def check_edges(rm: ReplacementModel, clean: CleanRun, index, edges, targets: list[Target], target_nodes: list[int],
+                seed: int = 0) -> float:  # fmt: skip
+    """The largest error, relative to the largest change, of the edges into `targets` (whose node numbers are
+    `target_nodes`) against an exact intervention: every source moves by its own random factor c (value * (1 + c))
+    in one frozen forward pass of the unmodified model with hooks, and each target must move by the sum of
+    c x weight over its edges. `edges`: (targets, sources, weights) in `index`'s numbering."""
+    generator = torch.Generator().manual_seed(seed)
+    factor = torch.rand(len(index.keys), generator=generator, dtype=torch.float64) * 2 - 1
+    factor = torch.cat([factor, torch.zeros(1, dtype=torch.float64)])  # node -1 (position 0): not moved
+
+    def moved(value: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        return value * (1 + factor[nodes].to(value.dtype)).unsqueeze(-1)
+
+    features = []
+    for layer, (positions, latents, nodes) in enumerate(index.active):
+        f = clean.features[layer].clone()
+        f[positions, latents] *= 1 + factor[nodes].to(f.dtype)
+        features.append(torch.stack([clean.features[layer], f]))
+    with rm.linearised(clean, 2, features) as leaves:
+        leaves["embed"][1] = moved(clean.embed, index.embeddings)
+        for layer, nodes in enumerate(index.errors):
+            leaves["errors"][layer][1] = moved(clean.errors[layer], nodes)
+        logits = rm.model.forward(rm.model.batch_from_ids([clean.ids] * 2), last_only=True)[:, -1].double()
+        mlp_in = [x.double() for x in leaves["mlp_in"]]
+    change = torch.zeros(len(targets), dtype=torch.float64)
+    logit_rows = [i for i, t in enumerate(targets) if t.kind == "logit"]
+    for i in logit_rows:
+        t = targets[i]
+        other = logits.mean(-1) if t.wrong is None else logits[:, t.wrong]
+        value = logits[:, t.token] - other
+        change[i] = value[1] - value[0]
+    by_layer: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        if t.kind == "feature":
+            by_layer.setdefault(t.layer, []).append(i)
+    for layer, rows in by_layer.items():  # the pre-activations' change: the MLP input's change . encoder
+        positions = torch.tensor([targets[i].position for i in rows])
+        encoders = rm.encoder_vector(layer, torch.tensor([targets[i].feature for i in rows])).double()  # [d, m]
+        moved_in = mlp_in[layer][1, positions] - mlp_in[layer][0, positions]  # [m, d]
+        change[rows] = (moved_in * encoders.T).sum(-1)
+    into, sources, weights = edges
+    predicted = torch.zeros(len(index.keys), dtype=torch.float64)
+    predicted.index_add_(0, into, factor[sources] * weights.double())
+    error = (change - predicted[torch.tensor(target_nodes)]).abs().max()
+    return float(error / change.abs().max().clamp_min(1e-12))
