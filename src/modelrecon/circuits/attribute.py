@@ -175,7 +175,8 @@ def attribute(
                               [n for n, _ in logit_rows] + attributed)  # fmt: skip
     if check_error > (1e-3 if clean.embed.dtype == torch.float32 else 0.1):
         raise BadInputError(f"the attribution pass disagrees with the model's own forward pass (relative error "
-                            f"{check_error:.1e}): this architecture is outside what the replacement model supports")  # fmt: skip
+                            f"{check_error:.1e}): this architecture is outside what the replacement model "
+                            f"supports")  # fmt: skip
     kept = expanded | torch.tensor([key[0] != "feature" for key in index.keys])
     graph = _assemble(model, prompt, ids, clean, index, kept, (sources, targets, weights), logits)
     if wrong is not None:  # the logit node stands for the difference
