@@ -127,6 +127,7 @@ def test_smollm2_replacement_model_and_graph_edges(smollm2):
     clean = rm.clean(smollm2.encode(prompt))
     assert (rm.forward(clean) - clean.logits).abs().max() < 1e-4
     graph = attribute(smollm2, prompt, transcoders, max_feature_nodes=24, progress=False)
+    assert graph.metadata["edge_check_error"] < 1e-4  # every edge at once against one exact intervention
     logit = graph.logit_nodes()[0]
     node = graph.nodes[logit]
 

@@ -143,7 +143,7 @@ def attribute(
 
     def run_rows(nodes: list[int], chunk: list[Target]) -> None:
         rows, sources, weights = jacobian.effects(chunk, index)
-        edges.append((torch.tensor(nodes)[rows], sources, weights))
+        edges.append((torch.tensor(nodes, dtype=torch.int32)[rows], sources.int(), weights))  # int32: memory
         expanded[nodes] = True
 
     def feature_target(node: int) -> Target:
