@@ -116,6 +116,19 @@ def test_identity_pattern_edit_keeps_logits_and_one_hot_pattern_copies_values():
     torch.testing.assert_close(heads[:, 3], value_of_first.expand_as(heads[:, 3]), rtol=0, atol=1e-6)
 
 
+def test_a_batch_one_edit_serves_every_row_like_its_expanded_copy():
+    """A pattern shared by every row (the frozen replacement model's) is used unexpanded: the same outputs as the
+    pattern copied per row, for grouped-query heads too."""
+    m = tiny_model("llama")
+    assert m.n_kv_heads < m.n_heads
+    prompts = ["hello world", "jello worms"]  # same length: the rows share one causal pattern shape
+    first = mr.run(m, prompts[:1], record=["layers.1.attn.pattern"]).acts["layers.1.attn.pattern"][0]
+    shared = mr.run(m, prompts, edit={"layers.1.attn.pattern": lambda p, ctx: first[None]})
+    copied = mr.run(m, prompts, edit={"layers.1.attn.pattern": lambda p, ctx: first[None].expand_as(p).clone()})
+    torch.testing.assert_close(shared.logits, copied.logits, rtol=0, atol=1e-5)
+    assert not torch.allclose(shared.logits[1], mr.run(m, prompts[1:]).logits[0], atol=1e-3)  # the edit took
+
+
 @pytest.mark.parametrize("site", ["layers.1.resid_post", "layers.1.attn.heads", "layers.1.attn.q", "layers.1.attn.v"])
 def test_gradients_at_sites(family_model, site):
     m = family_model
