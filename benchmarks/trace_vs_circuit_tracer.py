@@ -1,7 +1,7 @@
 """Attribution graphs against circuit-tracer: the same adjacency, and time and peak memory by prompt length.
 
-In this (the project's) venv: a seeded tiny Llama (4 layers, d_model 64, a character tokenizer that puts BOS first)
-is saved as a Hugging Face folder, and one ReLU skip transcoder per layer with seeded random weights (encoder biases
+In this (the project's) venv: a seeded tiny Llama (by default 4 layers, d_model 64; `--layers`, `--d-model`; a
+character tokenizer that puts BOS first) is saved as a Hugging Face folder, and one ReLU skip transcoder per layer with seeded random weights (encoder biases
 set so that about `--active` features fire per position and layer) is exported with `export_circuit_tracer`. For
 each prompt length (token ids, BOS included) two processes attribute the same prompt with the same node budget:
 modelrecon's `attribute` (this script with `--worker`, the transcoders read back with `import_circuit_tracer`) and
@@ -19,6 +19,7 @@ difference over every (target, source) pair either graph has, on the target rows
 budget covers every active feature). Pass: <= 1e-4.
 
 Run: `.venv/bin/python benchmarks/trace_vs_circuit_tracer.py --peer-python .bench-venvs/interop/bin/python`
+(a larger model: `--layers 8 --d-model 256 --width 1024 --lengths 8 32 128`)
 (`make interop-env` builds that venv). Exit code 1 when a graph differs or a side fails.
 """
 
@@ -41,11 +42,10 @@ from peers.ct_attribute import reset_peak_rss, rss_mib
 
 HERE = Path(__file__).resolve().parent
 TOLERANCE = 1e-4
-LAYERS, D_MODEL, D_MLP, WIDTH = 4, 64, 128, 256
 
 
-def build(work: Path, seed: int, active: int) -> tuple[Path, Path]:
-    """The model folder and the circuit-tracer transcoder folder."""
+def build(work: Path, seed: int, active: float, layers: int, d_model: int, width: int) -> tuple[Path, Path]:
+    """The model folder (MLP width 2 x d_model, 4 heads, 2 kv heads) and the circuit-tracer transcoder folder."""
     sys.path.insert(0, str(ROOT / "tests"))
     from tokenizers import processors
 
@@ -57,7 +57,7 @@ def build(work: Path, seed: int, active: int) -> tuple[Path, Path]:
     from tiny import char_tokenizer, tiny_model
 
     model_dir, tc_dir = work / "model", work / "transcoders"
-    tiny = tiny_model("llama", seed, hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=LAYERS,
+    tiny = tiny_model("llama", seed, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=layers,
                       max_position_embeddings=256)  # fmt: skip
     tokenizer = char_tokenizer()
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
@@ -70,22 +70,22 @@ def build(work: Path, seed: int, active: int) -> tuple[Path, Path]:
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2))
     model = Model(tiny.hf, tokenizer, name="tiny-llama")
-    # Encoder biases from the MLP inputs of a random 256-token text: each feature fires on `active / WIDTH` of them.
+    # Encoder biases from the MLP inputs of a random 256-token text: each feature fires on `active / width` of them.
     generator = torch.Generator().manual_seed(seed + 1)
     sample = torch.randint(3, len(tokenizer), (255,), generator=generator).tolist()
-    sites = [f"layers.{i}.mlp.in" for i in range(LAYERS)]
+    sites = [f"layers.{i}.mlp.in" for i in range(layers)]
     with torch.no_grad():
         acts = run(model, model.batch_from_ids([[tokenizer.bos_token_id, *sample]]), record=sites).acts
     transcoders = []
-    for layer in range(LAYERS):
-        d = Dictionary(DictionaryConfig("skip-transcoder", D_MODEL, D_MODEL, WIDTH, "relu", None,
+    for layer in range(layers):
+        d = Dictionary(DictionaryConfig("skip-transcoder", d_model, d_model, width, "relu", None,
                                         (f"layers.{layer}.mlp.in",), (f"layers.{layer}.mlp.out",)))  # fmt: skip
         with torch.no_grad():
             for p in d.parameters():
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-            d.W_enc.copy_(torch.randn(d.W_enc.shape, generator=generator) / D_MODEL**0.5)
+            d.W_enc.copy_(torch.randn(d.W_enc.shape, generator=generator) / d_model**0.5)
             pre = acts[sites[layer]][0][1:] @ d.W_enc[0]  # [pos, width]
-            d.b_enc[0].copy_(-torch.quantile(pre, 1 - active / WIDTH, dim=0))
+            d.b_enc[0].copy_(-torch.quantile(pre, 1 - active / width, dim=0))
         transcoders.append(d.eval())
     export_circuit_tracer(transcoders, tc_dir)
     return model_dir, tc_dir
@@ -212,7 +212,10 @@ def main() -> int:
     )
     parser.add_argument("--max-feature-nodes", type=int, default=1024, help="node budget, both sides")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per backward pass, both sides")
-    parser.add_argument("--active", type=float, default=6, help="features active per position and layer (target)")
+    parser.add_argument("--active", type=float, default=3, help="features active per position and layer (target)")
+    parser.add_argument("--layers", type=int, default=4, help="layers of the tiny Llama")
+    parser.add_argument("--d-model", type=int, default=64, help="its width (MLP: twice that)")
+    parser.add_argument("--width", type=int, default=256, help="transcoder width")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per side and length (median reported)")
     parser.add_argument("--keep", type=Path, help="work in this folder (kept) instead of a temporary one")
@@ -231,7 +234,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="modelrecon-ct-") as temp:
         work = args.keep or Path(temp)
         work.mkdir(parents=True, exist_ok=True)
-        build(work, args.seed, args.active)
+        build(work, args.seed, args.active, args.layers, args.d_model, args.width)
         results = []
         for length in args.lengths:
             ids_file = work / f"ids_{length}.json"
@@ -252,7 +255,7 @@ def main() -> int:
     versions = results[0][2]["versions"]
     print(f"\ncircuit-tracer {versions['circuit-tracer']} ({results[0][2]['backend']} backend, nnsight "
           f"{versions['nnsight']}, transformers {versions['transformers']}, torch {versions['torch']}); tiny Llama "
-          f"{LAYERS} layers, d_model {D_MODEL}, ReLU skip transcoders width {WIDTH}; node budget "
+          f"{args.layers} layers, d_model {args.d_model}, ReLU skip transcoders width {args.width}; node budget "
           f"{args.max_feature_nodes}, batch {args.batch_size}, {args.threads} threads\n")  # fmt: skip
     print(
         "| tokens | active features (ours / ct) | attributed (ours / ct / both) | same ids, logits | "

@@ -89,6 +89,7 @@ class Jacobian:
         self.final = norm_gain(norms[-1]) * scales[-1][-1]  # the final norm at the last position
         self.embed = clean.embed.float()
         self.errors = [e.float() for e in clean.errors]
+        self._layouts: dict[int, tuple[dict, torch.Tensor]] = {}  # per batch length n: `_columns`
 
     def _skip(self, layer: int) -> torch.Tensor | None:
         if self.rm.clt is not None:
@@ -131,19 +132,19 @@ class Jacobian:
             if t.kind == "logit":
                 other = self.mean_unembed if t.wrong is None else self.unembed[t.wrong]
                 g[row, last] = (self.unembed[t.token] - other) * self.final
-        pieces = []  # (effects [rows so far, n(, k)], their source nodes [n(, k)])
-        feature_grads: list[torch.Tensor | None] = [None] * n_layers  # a CLT's features write to several layers
+        columns, nodes = self._columns(n, index)
+        effects = g.new_zeros(len(targets), nodes.numel())  # [rows, sources]: rows that have not started stay zero
         for layer in reversed(range(n_layers)):
             p = self.layers[layer]
             above = sum(s > layer for s in start)  # rows whose gradient reaches this layer's MLP output
             here = sum(s >= layer for s in start)  # and those whose target is this layer's MLP input
             out = g[:above]  # the gradient at resid_post, so also at the MLP's output: the error's and decoders' input
-            pieces.append((_dot(out, self.errors[layer][:n]), index.errors[layer][:n]))
-            for i, decoder in p.writes:
+            error = columns["error", layer]
+            effects[:above, error : error + n] = _dot(out, self.errors[layer][:n])
+            for i, decoder in p.writes:  # gradient x activation, summed over the layers a feature writes to
                 grad = (out.transpose(0, 1) @ decoder[:n].transpose(1, 2)).transpose(0, 1)  # [rows, n, k]
-                if feature_grads[i] is None:
-                    feature_grads[i] = g.new_zeros(len(targets), n, decoder.shape[1])
-                feature_grads[i][:above] += grad
+                first, k = columns["feature", i], decoder.shape[1]
+                effects[:above, first : first + n * k].view(above, n, k).addcmul_(grad, self.values[i][:n])
             mlp_in = g.new_zeros(here, n, g.shape[-1]) if here > above or p.skip is None else None
             if p.skip is not None:
                 mlp_in = out @ p.skip if mlp_in is None else mlp_in.index_copy_(0, torch.arange(above), out @ p.skip)
@@ -155,16 +156,24 @@ class Jacobian:
             if mlp_in is not None:
                 g[:here].addcmul_(mlp_in, p.mlp_scale[:n])
             g[:here] += self._attention_transposed(g[:here], p, n)
-        pieces.append((_dot(g, self.embed[:n]), index.embeddings[:n]))
-        for layer, grad in enumerate(feature_grads):
-            pieces.append((grad * self.values[layer][:n], index.grid[layer][:n]))
-        # every piece side by side, [rows, sources] (rows that had not started: zero), then one selection
-        rows = len(targets)
-        effects = torch.cat([torch.cat([e, e.new_zeros(rows - len(e), *e.shape[1:])]).reshape(rows, -1)
-                             for e, _ in pieces], 1)  # fmt: skip
-        nodes = torch.cat([nodes.reshape(-1) for _, nodes in pieces])
+        effects[:, columns["embedding"] : columns["embedding"] + n] = _dot(g, self.embed[:n])
         row, column = ((effects != 0) & (nodes >= 0)).nonzero(as_tuple=True)
         return torch.tensor(order)[row], nodes[column], effects[row, column]
+
+    def _columns(self, n: int, index) -> tuple[dict, torch.Tensor]:
+        """The sources of a batch over positions 0..n-1, side by side: where each kind starts (embeddings, each
+        layer's errors `[n]`, each layer's features `[n, k]`) and their node numbers."""
+        if n not in self._layouts:
+            columns, nodes, width = {}, [], 0
+            pieces = [("embedding", index.embeddings[:n])]
+            pieces += [(("error", i), index.errors[i][:n]) for i in range(self.rm.n_layers)]
+            pieces += [(("feature", i), index.grid[i][:n]) for i in range(self.rm.n_layers)]
+            for key, numbers in pieces:
+                columns[key] = width
+                nodes.append(numbers.reshape(-1))
+                width += numbers.numel()
+            self._layouts[n] = columns, torch.cat(nodes)
+        return self._layouts[n]
 
     def _attention_transposed(self, g: torch.Tensor, p: _Layer, n: int) -> torch.Tensor:
         """The gradient at the attention norm's input from the gradient at the attention's output, through the
@@ -236,6 +245,8 @@ def check_edges(rm: ReplacementModel, clean: CleanRun, index, edges, targets: li
         change[rows] = (moved_in * encoders.T).sum(-1)
     into, sources, weights = edges
     predicted = torch.zeros(len(index.keys), dtype=torch.float64)
-    predicted.index_add_(0, into, factor[sources] * weights.double())
+    for chunk in range(0, len(weights), 1 << 16):  # in chunks: float64 copies of every edge would be the peak
+        part = slice(chunk, chunk + (1 << 16))
+        predicted.index_add_(0, into[part], factor[sources[part]] * weights[part].double())
     error = (change - predicted[torch.tensor(target_nodes)]).abs().max()
     return float(error / change.abs().max().clamp_min(1e-12))
