@@ -155,7 +155,7 @@ def test_trace_command_writes_a_pruned_graph_and_checks_it(capsys, tmp_path, tin
     save_dictionaries(_transcoders(model), tmp_path / "tc")
     code, stdout, _ = cli(capsys, "trace", PROMPT, "--model", tiny_llama_folder, "--transcoders", tmp_path / "tc",
                           "--out", tmp_path / "graph", "--max-features", "40")  # fmt: skip
-    assert code == 0 and "path 1:" in stdout and "causal check" in stdout
+    assert code == 0 and "path 1:" in stdout and "causal check" in stdout and "edges checked" in stdout
     graph = load_graph(tmp_path / "graph" / "graph.json")
     assert graph.metadata["causal_check"]["count"] == 10
     assert 0 < sum(n.kind == "feature" for n in graph.nodes) <= 40 and graph.logit_nodes()

@@ -658,6 +658,10 @@ def trace(
     path = save_graph(pruned, out / "graph.json")
     stdout.print(f"{graph.n_nodes} nodes, {len(graph.weights)} edges -> pruned to {pruned.n_nodes} nodes, "
                  f"{len(pruned.weights)} edges in {graph.metadata['seconds']:.1f} s", markup=False)  # fmt: skip
+    if "edge_check_error" in graph.metadata:
+        stdout.print(f"edges checked by one exact intervention (every source moved at once, attention and norms "
+                     f"frozen): largest error {graph.metadata['edge_check_error']:.1e} of the largest change",
+                     markup=False)  # fmt: skip
     for i, p in enumerate(strongest_paths(graph), 1):
         steps = " -> ".join(f"{graph.nodes[n].label} ({w:+.2f})" for n, w in p)
         stdout.print(f"path {i}: {steps} -> logit {graph.nodes[graph.logit_nodes()[0]].token!r}", markup=False)

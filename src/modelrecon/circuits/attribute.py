@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from modelrecon.circuits.graph import Graph, Node
-from modelrecon.circuits.jacobian import Jacobian, Target, _per_position, check_edges
+from modelrecon.circuits.jacobian import Jacobian, Target, active_per_position, check_edges
 from modelrecon.circuits.prune import influence
 from modelrecon.circuits.replacement import CleanRun, ReplacementModel
 from modelrecon.errors import BadInputError
@@ -87,7 +87,7 @@ class NodeIndex:
             mask[0] = False  # position 0 (BOS, an attention sink) is held constant: no node
             numbers = number(mask, lambda p, f, layer=layer: ("feature", layer, p, f))
             active.append((positions, latents, numbers[positions, latents]))
-            _, valid = _per_position(acts)
+            _, valid = active_per_position(acts)
             grid.append(torch.full(valid.shape, -1, dtype=torch.int64).masked_scatter_(valid, active[-1][2]))
         positions = torch.ones(len(clean.ids), dtype=torch.bool)
         errors = []

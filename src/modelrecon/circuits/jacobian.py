@@ -64,7 +64,7 @@ class Jacobian:
             raise BadInputError(f"the replacement model needs separate q/k/v projections ({adapter.family} fuses them)")
         self.rm, self.clean = rm, clean
         self.heads, self.kv_heads, self.d_head = model.n_heads, model.n_kv_heads, model.d_head
-        self.active = [_per_position(f) for f in clean.features]  # (latents [pos, k], valid [pos, k]) per layer
+        self.active = [active_per_position(f) for f in clean.features]  # (latents [pos, k], valid [pos, k]) per layer
         self.values = [f.float().gather(-1, lat) * valid for f, (lat, valid) in zip(clean.features, self.active,
                                                                                        strict=True)]  # fmt: skip
         norms, scales = rm._norms(), [s.float() for s in clean.norm_scales]
@@ -193,7 +193,7 @@ def _dot(grad: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return (grad.transpose(0, 1) @ value.unsqueeze(-1)).squeeze(-1).T
 
 
-def _per_position(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def active_per_position(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The active latents of each position of `acts [pos, width]`, ascending and padded to the largest count:
     (`latents [pos, k]`, `valid [pos, k]`); `x[valid]` lists them in `(acts > 0).nonzero()` order."""
     active = acts > 0

@@ -10,17 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from modelrecon.dictionaries.formats import load_dictionaries, save_dictionaries
 from modelrecon.dictionaries.model import Dictionary
-from modelrecon.dictionaries.train import TrainOptions, train_on_model
+from modelrecon.dictionaries.train import TrainOptions, bf16_is_fast, train_on_model
 from modelrecon.errors import BadInputError
 from modelrecon.models.loading import cache_root
 from modelrecon.models.model import Model
 
-# Skip transcoders: the linear skip path takes the MLP's linear part, so few latents reach a usable FVU.
+# Skip transcoders: the linear skip path takes the MLP's linear part, so few latents reach a usable FVU. bf16: where
+# this machine runs it fast (`bf16_is_fast`); the recipe key records which, so the two builds are cached apart.
 RECIPES: dict[str, dict] = {
     "smollm2-135m": {
         "kind": "skip-transcoder",
@@ -43,7 +44,7 @@ def _folder(model: Model, recipe: dict) -> Path:
 
 def default_transcoders(model: Model, build: bool = True, progress: bool = True) -> list[Dictionary]:
     """The model's default transcoders (one per layer), trained and cached on first use when `build`."""
-    recipe = RECIPES.get(model.name)
+    recipe = _recipe(model)
     if recipe is None:
         raise BadInputError(
             f"no default transcoders for {model.name}; train some with modelrecon train --kind skip-transcoder "
@@ -67,5 +68,13 @@ def default_transcoders(model: Model, build: bool = True, progress: bool = True)
 
 def default_transcoders_folder(model: Model) -> Path | None:
     """Where the default set is cached (None when the model has no recipe)."""
-    recipe = RECIPES.get(model.name)
+    recipe = _recipe(model)
     return None if recipe is None else _folder(model, recipe)
+
+
+def _recipe(model: Model) -> dict | None:
+    recipe = RECIPES.get(model.name)
+    if recipe is None:
+        return None
+    options = recipe["options"]
+    return {**recipe, "options": replace(options, bf16=options.bf16 and bf16_is_fast())}
