@@ -45,7 +45,7 @@ class _Layer:
     mlp_gain: torch.Tensor  # [d]
     mlp_scale: torch.Tensor  # [pos, 1]: the MLP norm's frozen 1/rms
     skip: torch.Tensor | None  # [d_out, d_in] times the MLP norm's gain: a skip transcoder's linear path, transposed
-    writes: list[tuple[int, torch.Tensor]]  # (source layer i, decoder rows of i's active features [pos, k_i, d])
+    writes: list[tuple[int, torch.Tensor]]  # (source layer i, the decoder from layer i's features [width, d])
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:
@@ -100,18 +100,12 @@ class Jacobian:
         return (t.W_skip[0] * (t.input_scale[0] / t.output_scale[0])).detach().float()
 
     def _writes(self, layer: int) -> list[tuple[int, torch.Tensor]]:
-        """Decoder rows of the active features that write to `layer`'s MLP output, per source layer."""
+        """The decoders that write to `layer`'s MLP output, per source layer (a CLT's from every layer <= `layer`)."""
         rm = self.rm
         if rm.clt is not None:
-            decoders = [(i, rm.clt.W_dec[i][:, layer - i]) for i in range(layer + 1)]
-        else:
-            t = rm.transcoders[layer]
-            decoders = [(layer, t.W_dec[0][:, 0] / t.output_scale[0])]
-        out = []
-        for i, decoder in decoders:
-            latents, valid = self.active[i]
-            out.append((i, decoder.detach().float()[latents] * valid[..., None]))  # padding rows zero
-        return out
+            return [(i, rm.clt.W_dec[i][:, layer - i].detach().float()) for i in range(layer + 1)]
+        t = rm.transcoders[layer]
+        return [(layer, (t.W_dec[0][:, 0] / t.output_scale[0]).detach().float())]
 
     def effects(self, targets: list[Target], index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The direct inputs of each target as (row, source node, weight) tensors in `index`'s (a NodeIndex)
@@ -142,8 +136,9 @@ class Jacobian:
             error = columns["error", layer]
             effects[:above, error : error + n] = _dot(out, self.errors[layer][:n])
             for i, decoder in p.writes:  # gradient x activation, summed over the layers a feature writes to
-                grad = (out.transpose(0, 1) @ decoder[:n].transpose(1, 2)).transpose(0, 1)  # [rows, n, k]
-                first, k = columns["feature", i], decoder.shape[1]
+                rows_of_decoder = decoder[self.active[i][0][:n]]  # [n, k, d]: the active features' (padding: x 0)
+                grad = (out.transpose(0, 1) @ rows_of_decoder.transpose(1, 2)).transpose(0, 1)  # [rows, n, k]
+                first, k = columns["feature", i], rows_of_decoder.shape[1]
                 effects[:above, first : first + n * k].view(above, n, k).addcmul_(grad, self.values[i][:n])
             mlp_in = g.new_zeros(here, n, g.shape[-1]) if here > above or p.skip is None else None
             if p.skip is not None:
