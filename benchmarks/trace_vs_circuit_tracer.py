@@ -1,16 +1,18 @@
 """Attribution graphs against circuit-tracer: the same adjacency, and time and peak memory by prompt length.
 
 In this (the project's) venv: a seeded tiny Llama (by default 4 layers, d_model 64; `--layers`, `--d-model`; a
-character tokenizer that puts BOS first) is saved as a Hugging Face folder, and one ReLU skip transcoder per layer with seeded random weights (encoder biases
-set so that about `--active` features fire per position and layer) is exported with `export_circuit_tracer`. For
-each prompt length (token ids, BOS included) two processes attribute the same prompt with the same node budget:
-modelrecon's `attribute` (this script with `--worker`, the transcoders read back with `import_circuit_tracer`) and
-circuit-tracer 0.5's `attribute` with the nnsight backend (`peers/ct_attribute.py`, in a peer venv); each side's
-replacement model is built once, before the timed calls. Each warms up on 8 tokens, then times `--repeats` calls
-(the median is reported: one call varied up to 3x between runs) and records its process's resident high-water mark
-during the first. Memory is reported two ways: the whole process's peak (mostly the loaded libraries, about 370 MiB
-for modelrecon and 420 MiB for circuit-tracer before any attribution) and the attribution's own peak, the peak minus
-the resident memory just before the call ("growth"), which is what grows with the prompt.
+character tokenizer that puts BOS first) is saved as a Hugging Face folder, and one ReLU skip transcoder per layer
+with seeded random weights (encoder biases set so that about `--active` features fire per position and layer) is
+exported with `export_circuit_tracer`. For each prompt length (token ids, BOS included) two processes attribute the
+same prompt with the same node budget: modelrecon's `attribute` (this script with `--worker`, the transcoders read
+back with `import_circuit_tracer`) and circuit-tracer 0.5's `attribute` with the nnsight backend
+(`peers/ct_attribute.py`, in a peer venv); each side's replacement model is built once, before the timed calls.
+Each process warms up on 8 tokens, then times `--repeats` calls and records its resident high-water mark during the
+first. The sides alternate for `--rounds` rounds (this machine's speed drifts by up to 2x over minutes); the median
+and the fastest of each side's calls are reported. Memory is reported two ways: the whole process's peak (mostly the
+loaded libraries, about 370 MiB for modelrecon and 420 MiB for circuit-tracer before any attribution) and the
+attribution's own peak, the peak minus the resident memory just before the call, which is what grows with the
+prompt.
 
 The graphs are compared node by node: circuit-tracer's dense adjacency (rows targets, columns sources; its node
 order: selected features, error nodes layer by layer, token nodes, logit nodes) against modelrecon's edge lists.
@@ -19,8 +21,8 @@ difference over every (target, source) pair either graph has, on the target rows
 budget covers every active feature). Pass: <= 1e-4.
 
 Run: `.venv/bin/python benchmarks/trace_vs_circuit_tracer.py --peer-python .bench-venvs/interop/bin/python`
-(a larger model: `--layers 8 --d-model 256 --width 1024 --lengths 8 32 128`)
-(`make interop-env` builds that venv). Exit code 1 when a graph differs or a side fails.
+(`make interop-env` builds that venv; a larger model: `--layers 8 --d-model 256 --width 1024 --lengths 8 32 128`).
+Exit code 1 when a graph differs or a side fails.
 """
 
 from __future__ import annotations
@@ -189,6 +191,12 @@ def compare(ours: dict, theirs: dict) -> dict:
     }
 
 
+def _pooled(runs: list[dict]) -> dict:
+    """One side's rounds together: the median and the fastest of all timed calls; memory from the first round."""
+    times = sorted(t for r in runs for t in r["all_seconds"])
+    return {**runs[0], "seconds": times[len(times) // 2], "fastest": times[0], "all_seconds": times}
+
+
 def run_ours(args, work: Path, ids_file: Path, out: Path) -> bool:
     command = [sys.executable, __file__, "--worker", "--model-dir", str(work / "model"), "--transcoders",
                str(work / "transcoders"), "--ids", str(ids_file), "--out", str(out), "--threads", str(args.threads),
@@ -217,7 +225,8 @@ def main() -> int:
     parser.add_argument("--d-model", type=int, default=64, help="its width (MLP: twice that)")
     parser.add_argument("--width", type=int, default=256, help="transcoder width")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per side and length (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per process (the median is reported)")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per side and length, the sides alternating")
     parser.add_argument("--keep", type=Path, help="work in this folder (kept) instead of a temporary one")
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -239,18 +248,22 @@ def main() -> int:
         for length in args.lengths:
             ids_file = work / f"ids_{length}.json"
             ids_file.write_text(json.dumps(prompt_ids(length, args.seed)))
-            ours_out, theirs_out = work / f"ours_{length}", work / f"ct_{length}"
-            ok = run_ours(args, work, ids_file, ours_out)
-            command = [str(args.peer_python), str(HERE / "peers" / "ct_attribute.py"), "--model-dir",
-                       str(work / "model"), "--transcoders", str(work / "transcoders"), "--ids", str(ids_file),
-                       "--out", str(theirs_out), "--threads", str(args.threads), "--max-feature-nodes",
-                       str(args.max_feature_nodes), "--batch-size", str(args.batch_size),
-                       "--repeats", str(args.repeats)]  # fmt: skip
-            ok = run_peer_script("circuit-tracer", command, args.timeout) and ok
-            if not ok:
-                return 1
-            ours_r, theirs_r = (json.loads((o / "result.json").read_text()) for o in (ours_out, theirs_out))
-            cmp = compare(torch.load(ours_out / "graph.pt"), torch.load(theirs_out / "graph.pt", weights_only=True))
+            rounds = []
+            for round_ in range(args.rounds):  # the sides alternate: the machine's speed drifts over minutes
+                ours_out, theirs_out = work / f"ours_{length}_{round_}", work / f"ct_{length}_{round_}"
+                ok = run_ours(args, work, ids_file, ours_out)
+                command = [str(args.peer_python), str(HERE / "peers" / "ct_attribute.py"), "--model-dir",
+                           str(work / "model"), "--transcoders", str(work / "transcoders"), "--ids", str(ids_file),
+                           "--out", str(theirs_out), "--threads", str(args.threads), "--max-feature-nodes",
+                           str(args.max_feature_nodes), "--batch-size", str(args.batch_size),
+                           "--repeats", str(args.repeats)]  # fmt: skip
+                ok = run_peer_script("circuit-tracer", command, args.timeout) and ok
+                if not ok:
+                    return 1
+                rounds.append([json.loads((o / "result.json").read_text()) for o in (ours_out, theirs_out)])
+            ours_r, theirs_r = (_pooled([r[side] for r in rounds]) for side in (0, 1))
+            cmp = compare(torch.load(work / f"ours_{length}_0" / "graph.pt"),
+                          torch.load(work / f"ct_{length}_0" / "graph.pt", weights_only=True))  # fmt: skip
             results.append((length, ours_r, theirs_r, cmp))
     versions = results[0][2]["versions"]
     print(f"\ncircuit-tracer {versions['circuit-tracer']} ({results[0][2]['backend']} backend, nnsight "
@@ -271,14 +284,16 @@ def main() -> int:
               f"{c['same_ids']}, {c['same_logits']} | {c['max_diff']:.1e} | {c['max_abs']:.2f} | "
               f"{'ok' if ok else 'DIFFERS'} |")  # fmt: skip
     print(
-        "\n| tokens | ours s | ct s | time ratio | ours attribution peak MiB | ct attribution peak MiB | "
+        "\n| tokens | ours s | ct s | time ratio | ratio of fastest | ours attribution peak MiB | "
+        "ct attribution peak MiB | "
         "attribution peak ratio | ours process peak MiB (before) | ct process peak MiB (before) | process peak ratio |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for length, o, t, _ in results:
         time_ratio, peak_ratio = o["seconds"] / t["seconds"], o["peak_rss_mib"] / t["peak_rss_mib"]
         ours_growth, ct_growth = (r["peak_rss_mib"] - r["rss_before_mib"] for r in (o, t))
-        print(f"| {length} | {o['seconds']:.3f} | {t['seconds']:.3f} | **{time_ratio:.2f}** | {ours_growth:.0f} | "
+        print(f"| {length} | {o['seconds']:.3f} | {t['seconds']:.3f} | **{time_ratio:.2f}** | "
+              f"{o['fastest'] / t['fastest']:.2f} | {ours_growth:.0f} | "
               f"{ct_growth:.0f} | **{ours_growth / max(ct_growth, 1e-9):.2f}** | {o['peak_rss_mib']:.0f} "
               f"({o['rss_before_mib']:.0f}) | {t['peak_rss_mib']:.0f} ({t['rss_before_mib']:.0f}) | "
               f"{peak_ratio:.2f} |")  # fmt: skip
