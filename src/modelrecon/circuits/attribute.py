@@ -141,38 +141,45 @@ def attribute(
 
     jacobian = Jacobian(rm, clean)
 
-    def run_rows(nodes: list[int], chunk: list[Target]) -> None:
-        rows, sources, weights = jacobian.effects(chunk, index)
+    computed: list[tuple[int, Target]] = []  # every (node, row) computed, in order: what the edge check checks
+
+    def run_rows(chunk: list[tuple[int, Target]]) -> None:
+        rows, sources, weights = jacobian.effects([t for _, t in chunk], index)
+        nodes = [n for n, _ in chunk]
         edges.append((torch.tensor(nodes, dtype=torch.int32)[rows], sources.int(), weights))  # int32: memory
         expanded[nodes] = True
+        computed.extend(chunk)
 
-    def feature_target(node: int) -> Target:
+    def feature_row(node: int) -> tuple[int, Target]:
         _, layer, position, feature = index.keys[node]
-        return Target("feature", layer=layer, position=position, feature=feature)
+        return node, Target("feature", layer=layer, position=position, feature=feature)
+
+    def by_position(rows: list[tuple[int, Target]]) -> list[tuple[int, Target]]:
+        """A batch runs over the positions up to its last target's: batch rows of nearby positions together."""
+        return sorted(rows, key=lambda row: len(ids) - 1 if row[1].kind == "logit" else row[1].position)
 
     logit_rows = [(index.logit(t), Target("logit", token=t, wrong=wrong_id)) for t, _ in logits]
     with token_progress(budget, enabled=progress, label="attribution", unit="features", rate_unit="row") as advance:
-        for chunk in _chunks(logit_rows, batch_size):
-            run_rows([n for n, _ in chunk], [t for _, t in chunk])
-        ranked, done = torch.tensor(features, dtype=torch.int64), 0
-        while done < budget:
-            window = budget  # every feature gets a row: no ranking needed
-            if budget < len(features):  # the next `rank_every` batches go to the most influential features so far
+        if budget == len(features):  # every feature gets a row, no ranking needed: the logits' rows join theirs
+            for chunk in _chunks(by_position(logit_rows + [feature_row(n) for n in features]), batch_size):
+                run_rows(chunk)
+                advance(sum(t.kind == "feature" for _, t in chunk))
+        else:
+            for chunk in _chunks(logit_rows, batch_size):
+                run_rows(chunk)
+            ranked, done = torch.tensor(features, dtype=torch.int64), 0
+            while done < budget:  # the next `rank_every` batches go to the most influential features so far
                 targets, sources, weights = (torch.cat(x) for x in zip(*edges, strict=True))
                 scores = influence(len(index.keys), sources, targets, weights, logit_weights)
                 ranked = ranked[scores[ranked].argsort(descending=True, stable=True)]
-                window = rank_every * batch_size
-            chosen = ranked[~expanded[ranked]][: min(window, budget - done)].tolist()
-            chosen.sort(key=lambda node: index.keys[node][2])  # by position: a batch runs up to its last position
-            for chunk in _chunks(chosen, batch_size):
-                run_rows(chunk, [feature_target(n) for n in chunk])
-                advance(len(chunk))
-            done += len(chosen)
+                chosen = ranked[~expanded[ranked]][: min(rank_every * batch_size, budget - done)].tolist()
+                for chunk in _chunks(by_position([feature_row(n) for n in chosen]), batch_size):
+                    run_rows(chunk)
+                    advance(len(chunk))
+                done += len(chosen)
     targets, sources, weights = (torch.cat(x) for x in zip(*edges, strict=True))
-    attributed = torch.tensor(features, dtype=torch.int64)[expanded[features]].tolist()
-    check_error = check_edges(rm, clean, index, (targets, sources, weights),
-                              [t for _, t in logit_rows] + [feature_target(n) for n in attributed],
-                              [n for n, _ in logit_rows] + attributed)  # fmt: skip
+    check_error = check_edges(rm, clean, index, (targets, sources, weights), [t for _, t in computed],
+                              [n for n, _ in computed])  # fmt: skip
     if check_error > (1e-3 if clean.embed.dtype == torch.float32 else 0.1):
         raise BadInputError(f"the attribution pass disagrees with the model's own forward pass (relative error "
                             f"{check_error:.1e}): this architecture is outside what the replacement model "

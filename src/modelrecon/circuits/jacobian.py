@@ -45,7 +45,7 @@ class _Layer:
     mlp_gain: torch.Tensor  # [d]
     mlp_scale: torch.Tensor  # [pos, 1]: the MLP norm's frozen 1/rms
     skip: torch.Tensor | None  # [d_out, d_in] times the MLP norm's gain: a skip transcoder's linear path, transposed
-    writes: list[tuple[int, torch.Tensor]]  # (source layer i, the decoder from layer i's features [width, d])
+    writes: list[tuple[int, torch.Tensor]]  # (source layer i, the decoder from i's features [width (+ pos), d])
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:
@@ -64,9 +64,14 @@ class Jacobian:
             raise BadInputError(f"the replacement model needs separate q/k/v projections ({adapter.family} fuses them)")
         self.rm, self.clean = rm, clean
         self.heads, self.kv_heads, self.d_head = model.n_heads, model.n_kv_heads, model.d_head
-        self.active = [active_per_position(f) for f in clean.features]  # (latents [pos, k], valid [pos, k]) per layer
-        self.values = [f.float().gather(-1, lat) * valid for f, (lat, valid) in zip(clean.features, self.active,
-                                                                                       strict=True)]  # fmt: skip
+        # Per layer and position, the sources a layer's MLP output feeds: its active features (padded to a common
+        # count k) and, last, its error node, which enters as one more decoder row (the error vector, value 1).
+        self.slots, self.values = [], []  # [pos, k + 1]: rows of the layer's extended decoder, and their values
+        for f in clean.features:
+            latents, valid = active_per_position(f)
+            pos, width = f.shape
+            self.slots.append(torch.cat([latents, width + torch.arange(pos)[:, None]], 1))
+            self.values.append(torch.cat([f.float().gather(-1, latents) * valid, torch.ones(pos, 1)], 1))
         norms, scales = rm._norms(), [s.float() for s in clean.norm_scales]
         self.layers = []
         for layer in range(rm.n_layers):
@@ -88,7 +93,6 @@ class Jacobian:
         self.mean_unembed = unembed.mean(0)
         self.final = norm_gain(norms[-1]) * scales[-1][-1]  # the final norm at the last position
         self.embed = clean.embed.float()
-        self.errors = [e.float() for e in clean.errors]
         self._layouts: dict[int, tuple[dict, torch.Tensor]] = {}  # per batch length n: `_columns`
 
     def _skip(self, layer: int) -> torch.Tensor | None:
@@ -100,12 +104,16 @@ class Jacobian:
         return (t.W_skip[0] * (t.input_scale[0] / t.output_scale[0])).detach().float()
 
     def _writes(self, layer: int) -> list[tuple[int, torch.Tensor]]:
-        """The decoders that write to `layer`'s MLP output, per source layer (a CLT's from every layer <= `layer`)."""
+        """The decoders that write to `layer`'s MLP output, per source layer (a CLT's from every layer <= `layer`);
+        the layer's own has the error vectors appended, one row per position (see `slots`)."""
         rm = self.rm
         if rm.clt is not None:
-            return [(i, rm.clt.W_dec[i][:, layer - i].detach().float()) for i in range(layer + 1)]
-        t = rm.transcoders[layer]
-        return [(layer, (t.W_dec[0][:, 0] / t.output_scale[0]).detach().float())]
+            decoders = [(i, rm.clt.W_dec[i][:, layer - i]) for i in range(layer + 1)]
+        else:
+            t = rm.transcoders[layer]
+            decoders = [(layer, t.W_dec[0][:, 0] / t.output_scale[0])]
+        errors = self.clean.errors[layer].float()
+        return [(i, torch.cat([d.detach().float(), errors]) if i == layer else d.detach().float()) for i, d in decoders]
 
     def effects(self, targets: list[Target], index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The direct inputs of each target as (row, source node, weight) tensors in `index`'s (a NodeIndex)
@@ -132,17 +140,24 @@ class Jacobian:
             p = self.layers[layer]
             above = sum(s > layer for s in start)  # rows whose gradient reaches this layer's MLP output
             here = sum(s >= layer for s in start)  # and those whose target is this layer's MLP input
-            out = g[:above]  # the gradient at resid_post, so also at the MLP's output: the error's and decoders' input
-            error = columns["error", layer]
-            effects[:above, error : error + n] = _dot(out, self.errors[layer][:n])
-            for i, decoder in p.writes:  # gradient x activation, summed over the layers a feature writes to
-                rows_of_decoder = decoder[self.active[i][0][:n]]  # [n, k, d]: the active features' (padding: x 0)
-                grad = (out.transpose(0, 1) @ rows_of_decoder.transpose(1, 2)).transpose(0, 1)  # [rows, n, k]
-                first, k = columns["feature", i], rows_of_decoder.shape[1]
-                effects[:above, first : first + n * k].view(above, n, k).addcmul_(grad, self.values[i][:n])
-            mlp_in = g.new_zeros(here, n, g.shape[-1]) if here > above or p.skip is None else None
-            if p.skip is not None:
-                mlp_in = out @ p.skip if mlp_in is None else mlp_in.index_copy_(0, torch.arange(above), out @ p.skip)
+            out = g[:above]  # the gradient at resid_post, so also at the MLP's output: the sources' decoder rows'
+            for i, decoder in p.writes:  # gradient x value, summed over the layers a (CLT) feature writes to
+                own = i == layer  # the layer's own write holds its error rows too
+                slots, values = (
+                    (self.slots[i][:n], self.values[i][:n])
+                    if own
+                    else (self.slots[i][:n, :-1], self.values[i][:n, :-1])
+                )
+                grad = (out.transpose(0, 1) @ decoder[slots].transpose(1, 2)).transpose(0, 1)  # [rows, n, k (+1)]
+                first, width = columns[i], self.slots[i].shape[1]
+                block = effects[:above, first : first + n * width].view(above, n, width)
+                (block if own else block[..., :-1]).addcmul_(grad, values)
+            if p.skip is None or here > above:
+                mlp_in = g.new_zeros(here, n, g.shape[-1])
+                if p.skip is not None:
+                    torch.matmul(out, p.skip, out=mlp_in[:above])
+            else:
+                mlp_in = out @ p.skip
             if here > above:  # seeds: a feature target's encoder direction at its position, through the norm's gain
                 rows = range(above, here)
                 positions = torch.tensor([targets[r].position for r in rows])
@@ -151,22 +166,19 @@ class Jacobian:
             if mlp_in is not None:
                 g[:here].addcmul_(mlp_in, p.mlp_scale[:n])
             g[:here] += self._attention_transposed(g[:here], p, n)
-        effects[:, columns["embedding"] : columns["embedding"] + n] = _dot(g, self.embed[:n])
+        effects[:, :n] = _dot(g, self.embed[:n])
         row, column = ((effects != 0) & (nodes >= 0)).nonzero(as_tuple=True)
         return torch.tensor(order)[row], nodes[column], effects[row, column]
 
     def _columns(self, n: int, index) -> tuple[dict, torch.Tensor]:
-        """The sources of a batch over positions 0..n-1, side by side: where each kind starts (embeddings, each
-        layer's errors `[n]`, each layer's features `[n, k]`) and their node numbers."""
+        """The sources of a batch over positions 0..n-1, side by side: the embeddings `[n]` first, then per layer
+        its features and error `[n, k + 1]` (as `slots`); where each layer's block starts, and the node numbers."""
         if n not in self._layouts:
-            columns, nodes, width = {}, [], 0
-            pieces = [("embedding", index.embeddings[:n])]
-            pieces += [(("error", i), index.errors[i][:n]) for i in range(self.rm.n_layers)]
-            pieces += [(("feature", i), index.grid[i][:n]) for i in range(self.rm.n_layers)]
-            for key, numbers in pieces:
-                columns[key] = width
-                nodes.append(numbers.reshape(-1))
-                width += numbers.numel()
+            columns, nodes, width = {}, [index.embeddings[:n]], n
+            for i in range(self.rm.n_layers):
+                columns[i] = width
+                nodes.append(torch.cat([index.grid[i][:n], index.errors[i][:n, None]], 1).reshape(-1))
+                width += nodes[-1].numel()
             self._layouts[n] = columns, torch.cat(nodes)
         return self._layouts[n]
 
