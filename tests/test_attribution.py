@@ -124,7 +124,12 @@ def test_attribution_patching_is_exact_on_a_linear_model(linear_model, kind):
     exact = sweep(linear_model, PAIRS, kind)
     np.testing.assert_allclose(estimate.effects, exact.effects, rtol=0, atol=1e-4)
     report = compare(estimate, exact)
-    assert report.disagreements == [] and report.spearman > 0.999
+    assert report.disagreements == []
+    # Cells no patch moves are exactly 0 in the sweep and within float noise of 0 (1e-8) in the estimate: ties whose
+    # order is noise (transformers 5.24 changed that noise). The ranking must hold on every cell that moves.
+    est, ex = np.asarray(estimate.effects).ravel(), np.asarray(exact.effects).ravel()
+    moved = np.abs(ex) > 1e-6
+    assert moved.sum() > 10 and spearman(est[moved], ex[moved]) > 0.999
     assert attribution_patching(tiny_model("gpt2"), PAIRS[:1], kind).method == "atp"
 
 

@@ -156,16 +156,30 @@ def test_dictionaries_recover_the_superposed_directions(report):
 
 
 def test_docs_table_is_the_generated_one(report):
-    """docs/groundtruth.md shows the command's own table (only the seconds may differ)."""
+    """docs/groundtruth.md shows the command's own table: the same rows and text; numbers equal up to what another
+    CPU's float kernels change in the trained models (the induction and superposition tasks train theirs): 0.05,
+    0.2 for the twin Spearman (it compares two trainings); the seconds may differ."""
     from pathlib import Path
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "groundtruth.md").read_text()
     shown = text.split("<!-- groundtruth-table:start -->\n")[1].split("<!-- groundtruth-table:end -->")[0]
 
-    def without_seconds(table):
-        return [row.rsplit("|", 2)[0] for row in table.strip().splitlines()]
+    def rows(table):
+        return [[cell.strip() for cell in row.rsplit("|", 2)[0].split("|")] for row in table.strip().splitlines()]
 
-    assert without_seconds(shown) == without_seconds(markdown(report))
+    shown_rows, generated_rows = rows(shown), rows(markdown(report))
+    assert len(shown_rows) == len(generated_rows)
+    header = []
+    for a, b in zip(shown_rows, generated_rows, strict=True):
+        assert len(a) == len(b), (a, b)
+        header = a if "task" in a else header
+        for column, x, y in zip(header or a, a, b, strict=False):
+            try:
+                fx, fy = float(x.replace(",", "")), float(y.replace(",", ""))
+            except ValueError:
+                assert x == y, (a, b)
+                continue
+            assert abs(fx - fy) <= (0.2 if column == "twin Spearman" else 0.05), (column, a, b)
 
 
 def test_superposition_task_is_sparse_codes_of_its_directions():

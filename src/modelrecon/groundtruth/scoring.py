@@ -40,14 +40,16 @@ def sign_accuracy(scores: np.ndarray, truth: dict[int, int]) -> float:
     return float(np.mean([np.sign(scores[u]) == s for u, s in truth.items()]))
 
 
-# Scores smaller than this fraction of a method's largest score are numerical noise (the anchor keeps norms exact to
-# ~1e-6, not to the bit): they count as zero, so noise cannot rank a missed unit above the inert ones.
+# Scores smaller than this fraction of the larger of a method's largest score and the largest exact effect are
+# numerical noise (the anchor keeps norms exact to ~1e-6, not to the bit): they count as zero, so noise cannot rank a
+# missed unit above the inert ones. The exact effects set the floor: a method whose every score is float noise (a
+# saturated gradient) found nothing, whatever the noise of this CPU's kernels says.
 NOISE = 1e-3
 
 
-def significant(scores: np.ndarray) -> np.ndarray:
-    """The scores with noise-level values set to 0."""
-    top = np.abs(scores).max() if len(scores) else 0.0
+def significant(scores: np.ndarray, scale: float = 0.0) -> np.ndarray:
+    """The scores with noise-level values set to 0 (`scale`: another magnitude the noise is measured against)."""
+    top = max(np.abs(scores).max() if len(scores) else 0.0, scale)
     return np.where(np.abs(scores) > NOISE * top, scores, 0.0)
 
 
@@ -55,7 +57,7 @@ def score_method(scores: np.ndarray, truth: dict[int, int], exact: np.ndarray, t
     """Every figure the suite reports for one method's signed unit scores."""
     is_true = np.zeros(len(scores), dtype=bool)
     is_true[list(truth)] = True
-    scores = significant(scores)
+    scores = significant(scores, float(np.abs(exact).max()) if len(exact) else 0.0)
     magnitude = np.abs(scores)
     return {
         "roc_auc": roc_auc(magnitude, is_true),

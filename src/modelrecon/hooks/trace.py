@@ -95,7 +95,7 @@ class _SiteHooks:
                 # a pattern shared by every row stays unexpanded (the attention output is computed from it as one
                 # product), unless rows are recorded or differentiated one by one
                 shared = site_info.kind == "attn.pattern" and site not in self.record and site not in self.grad
-                value = new if shared else new.expand(value.shape)
+                value = new if shared or new.shape == value.shape else new.expand(value.shape)
         if site in self.grad:
             if not value.requires_grad and value.grad_fn is None and torch.is_grad_enabled():
                 value.requires_grad_(True)  # an edit wrote a fresh tensor (e.g. an interpolation): differentiate it
