@@ -121,7 +121,8 @@ def attribute(
     logits; with `wrong` too, the target is the logit difference logit(target) - logit(wrong). `transcoders`: the
     dictionaries, or a ReplacementModel already built on them (which the caller can then reuse). Under a budget
     smaller than the active features, the pending features are re-ranked by influence every `rank_every` batches
-    (circuit-tracer's `update_interval`, 4)."""
+    (circuit-tracer's `update_interval`, 4). `batch_size`: rows per pass over the whole prompt (a pass over fewer
+    positions takes proportionally more rows, the same memory)."""
     if wrong is not None and target is None:
         raise BadInputError("a logit-difference target needs --target as well as --wrong")
     start = time.perf_counter()
@@ -154,14 +155,26 @@ def attribute(
         _, layer, position, feature = index.keys[node]
         return node, Target("feature", layer=layer, position=position, feature=feature)
 
-    def by_position(rows: list[tuple[int, Target]]) -> list[tuple[int, Target]]:
-        """A batch runs over the positions up to its last target's: batch rows of nearby positions together."""
-        return sorted(rows, key=lambda row: len(ids) - 1 if row[1].kind == "logit" else row[1].position)
+    def position(row: tuple[int, Target]) -> int:
+        return len(ids) - 1 if row[1].kind == "logit" else row[1].position
+
+    def by_position(rows: list[tuple[int, Target]]):
+        """A pass runs over the positions up to its last target's, so rows of nearby positions go together, and a
+        pass over the first n positions takes `batch_size x length / n` rows: the memory of `batch_size` rows over
+        the whole prompt, in fewer passes."""
+        chunk: list[tuple[int, Target]] = []
+        for row in sorted(rows, key=position):
+            if chunk and len(chunk) + 1 > batch_size * len(ids) // (position(row) + 1):
+                yield chunk
+                chunk = []
+            chunk.append(row)
+        if chunk:
+            yield chunk
 
     logit_rows = [(index.logit(t), Target("logit", token=t, wrong=wrong_id)) for t, _ in logits]
     with token_progress(budget, enabled=progress, label="attribution", unit="features", rate_unit="row") as advance:
         if budget == len(features):  # every feature gets a row, no ranking needed: the logits' rows join theirs
-            for chunk in _chunks(by_position(logit_rows + [feature_row(n) for n in features]), batch_size):
+            for chunk in by_position(logit_rows + [feature_row(n) for n in features]):
                 run_rows(chunk)
                 advance(sum(t.kind == "feature" for _, t in chunk))
         else:
@@ -173,7 +186,7 @@ def attribute(
                 scores = influence(len(index.keys), sources, targets, weights, logit_weights)
                 ranked = ranked[scores[ranked].argsort(descending=True, stable=True)]
                 chosen = ranked[~expanded[ranked]][: min(rank_every * batch_size, budget - done)].tolist()
-                for chunk in _chunks(by_position([feature_row(n) for n in chosen]), batch_size):
+                for chunk in by_position([feature_row(n) for n in chosen]):
                     run_rows(chunk)
                     advance(len(chunk))
                 done += len(chosen)
