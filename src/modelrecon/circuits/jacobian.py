@@ -163,8 +163,7 @@ class Jacobian:
                 positions = torch.tensor([targets[r].position for r in rows])
                 encoders = rm.encoder_vector(layer, torch.tensor([targets[r].feature for r in rows])).T.float()
                 mlp_in.index_put_((torch.tensor(rows), positions), encoders * p.mlp_gain, accumulate=True)
-            if mlp_in is not None:
-                g[:here].addcmul_(mlp_in, p.mlp_scale[:n])
+            g[:here].addcmul_(mlp_in, p.mlp_scale[:n])
             g[:here] += self._attention_transposed(g[:here], p, n)
         effects[:, :n] = _dot(g, self.embed[:n])
         row, column = ((effects != 0) & (nodes >= 0)).nonzero(as_tuple=True)
