@@ -30,12 +30,12 @@ def model():
     return tiny_model("llama")
 
 
-def _source(model, pairs, batch_size=128, seed=0):
+def _source(model, pairs, batch_size=128, seed=0, reuse=1):
     def windows():
         return token_stream(read_texts("sample"), model.tokenizer, 64)
 
     return StreamSource(model, windows, [p[0] for p in pairs], [p[1] for p in pairs], batch_size, seed=seed,
-                        buffer_bytes=2**20)  # fmt: skip
+                        buffer_bytes=2**20, reuse=reuse)  # fmt: skip
 
 
 def _configs(model, kind, activation, pairs):
@@ -140,3 +140,75 @@ def test_bf16_autocast_trains_fp32_weights_to_about_the_same_loss(model):
     assert runs[True][0].W_enc.dtype == torch.float32  # autocast leaves the master weights in fp32
     assert not torch.equal(runs[True][0].W_enc, runs[False][0].W_enc)  # the matmuls did run in bf16
     assert runs[True][1]["fvu"] < 1.15 * runs[False][1]["fvu"]
+
+
+@pytest.mark.parametrize("kind,layers", [("transcoder", 1), ("skip-transcoder", 1), ("clt", 3), ("sae", 1)])
+def test_topk_training_decode_gathers_what_the_dense_decode_multiplies(kind, layers):
+    """Training decodes TopK latents by gathering the k active decoder rows; outputs and every parameter's gradient
+    must equal the dense product with the scattered latents (float64, random weights and scales)."""
+    inputs = tuple(f"layers.{i}.mlp.in" for i in range(layers))
+    outputs = inputs if kind == "sae" else tuple(f"layers.{i}.mlp.out" for i in range(layers))
+    d = Dictionary(DictionaryConfig(kind, 8, 8, 32, "topk", 4, inputs, outputs), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
+        d.input_scale.fill_(1.3)
+        d.output_scale.copy_(torch.linspace(0.5, 0.9, layers))
+    x = torch.randn(6, layers, 8, generator=generator, dtype=torch.float64)
+    params = [p for p in d.parameters()]
+    pre = d.pre_activations(x)
+    top = d.top_latents(pre)
+    gathered = d.decode_top(top.indices, top.values, x)
+    dense = d.decode(d.activate(pre), x)
+    assert torch.allclose(gathered, dense, atol=1e-12)
+    grads = [torch.autograd.grad(y.pow(3).sum(), params, retain_graph=True, allow_unused=True)
+             for y in (gathered, dense)]  # fmt: skip
+    for name, a, b in zip([n for n, _ in d.named_parameters()], *grads, strict=True):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-9)), name
+    # AuxK's revived latents: the latents' sum alone (no bias, no skip path) in normalised units
+    f = d.activate(pre)
+    expected = d.decode(f, torch.zeros_like(x)) - d.decode(torch.zeros_like(f), torch.zeros_like(x))
+    assert torch.allclose(d.latent_sum(top.indices, top.values), expected * d.output_scale[:, None], atol=1e-12)
+
+
+def test_reuse_serves_each_streamed_token_that_many_times_from_fewer_forward_passes(model):
+    pairs = site_pairs(model, "transcoder", "layers.1.mlp")
+
+    class Tagged(StreamSource):  # each new token's first input feature replaced by its serial number
+        made = 0
+
+        def _activations(self):
+            x, y = super()._activations()
+            x[:, 0, 0] = torch.arange(self.made, self.made + len(x), dtype=x.dtype)
+            self.made += len(x)
+            return x, y
+
+    counts, made = {}, {}
+    for reuse in (1, 2):
+        source = _source(model, pairs, reuse=reuse)
+        source.__class__ = Tagged
+        served = torch.cat([next(source)[0][:, 0, 0] for _ in range(40)])
+        _, counts[reuse] = served.unique(return_counts=True)
+        made[reuse] = source.made
+    assert counts[1].max() == 1
+    assert counts[2].max() == 2 and (counts[2] == 2).float().mean() > 0.5  # most served twice so far, none more
+    assert made[2] < 0.7 * made[1]  # the model ran on about half the tokens
+
+
+def test_default_recipe_trains_in_fp32_on_half_the_tokens_where_bf16_is_emulated(monkeypatch):
+    from modelrecon.dictionaries import defaults
+
+    class Named:  # the recipe and its cache key read only the model's name and weights' hash
+        name = "smollm2-135m"
+
+        def weights_sha256(self):
+            return "0" * 64
+
+    chosen = {}
+    for fast in (True, False):
+        monkeypatch.setattr(defaults, "bf16_is_fast", lambda fast=fast: fast)
+        chosen[fast] = (defaults._recipe(Named())["options"], defaults.default_transcoders_folder(Named()))
+    assert chosen[True][0].bf16 and not chosen[False][0].bf16
+    assert chosen[False][0].tokens == chosen[True][0].tokens // 2 and chosen[False][0].steps == chosen[True][0].steps
+    assert chosen[True][1] != chosen[False][1]  # cached apart

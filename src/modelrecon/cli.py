@@ -556,6 +556,9 @@ def train_command(
     bf16: Annotated[
         bool, typer.Option(help="bfloat16 autocast for the model and dictionary matmuls (weights stay fp32)")
     ] = False,
+    reuse: Annotated[
+        int, typer.Option(min=1, help="streamed: train on each token this many times (the model runs on 1/N)")
+    ] = 1,
 ) -> None:
     """Train SAEs or transcoders (per layer, skip, or cross-layer) on the model's activations. Checkpoints go to
     .OUT.checkpoint beside OUT; the same command resumes from there after a kill."""
@@ -567,7 +570,7 @@ def train_command(
     if cube is not None and corpus != "sample":
         raise BadInputError("give --cube or --corpus, not both")
     options = TrainOptions(tokens=tokens, batch_size=batch_size, lr=lr, l1=l1, l0=l0, seed=seed,
-                           checkpoint_every=checkpoint_every, bf16=bf16)  # fmt: skip
+                           checkpoint_every=checkpoint_every, bf16=bf16, reuse=reuse)  # fmt: skip
     loaded = load_model(model)
     cube_obj = None
     if cube is not None:

@@ -127,11 +127,11 @@ class Dictionary(nn.Module):
             return torch.relu(pre)
         if act == "jumprelu":
             return jump_relu(pre, self.log_threshold.exp(), self.config.jumprelu_bandwidth)
-        if act == "topk" or (act == "batchtopk" and training):
+        if act == "topk":
+            top = self.top_latents(pre)
+            return torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+        if act == "batchtopk" and training:
             relu = torch.relu(pre)
-            if act == "topk":
-                top = relu.topk(k, dim=-1)
-                return torch.zeros_like(relu).scatter(-1, top.indices, top.values)
             flat = relu.movedim(-2, 0).reshape(relu.shape[-2], -1)  # per layer: every token's latents
             keep = min(flat.shape[1], k * (flat.shape[1] // relu.shape[-1]))
             top = flat.topk(keep, dim=-1)
@@ -143,11 +143,33 @@ class Dictionary(nn.Module):
         """Outputs `[..., layer, d_out]` from latents (and, for skip transcoders, the input `x`)."""
         f, squeezed = self._layered(f) if f.shape[-1] == self.config.width else (f, False)
         n = self.config.n_layers
-        outputs = []
-        for m in range(n):  # output layer m gets the decoders of input layers 0..m
-            y = self.b_dec[m] + sum(f[..., i, :] @ self.W_dec[i][:, m - i] for i in range(m + 1))
-            outputs.append(y)
-        y = torch.stack(outputs, -2)
+        # output layer m gets the decoders of input layers 0..m
+        y = torch.stack([sum(f[..., i, :] @ self.W_dec[i][:, m - i] for i in range(m + 1)) for m in range(n)], -2)
+        return self._decoded(y, x, squeezed)
+
+    def top_latents(self, pre: torch.Tensor) -> torch.return_types.topk:
+        """TopK's active latents per token and layer: `indices` and `values`, `[..., layer, k]` (values >= 0)."""
+        return torch.relu(pre).topk(self.config.k, dim=-1)
+
+    def decode_top(self, indices: torch.Tensor, values: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """`decode` of latents given as each token's active ones (`[..., layer, k]`, from `top_latents`): the
+        decoder rows are gathered instead of multiplied by a mostly-zero `f`, k/width of the work (training)."""
+        return self._decoded(self.latent_sum(indices, values), x, squeezed=False)
+
+    def latent_sum(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`[..., layer, d_out]`: sum of value x decoder row over the given latents (no bias, no skip path, in
+        normalised units). Input layer i writes to output layers i..n-1: one gather of its rows, flattened."""
+        lead, (n, k), d = indices.shape[:-2], indices.shape[-2:], self.config.d_out
+        out = 0
+        for i, w in enumerate(self.W_dec):
+            rows, weights = indices[..., i, :].reshape(-1, k), values[..., i, :].reshape(-1, k).to(w.dtype)
+            part = nn.functional.embedding_bag(rows, w.flatten(1), mode="sum", per_sample_weights=weights)
+            out = out + nn.functional.pad(part.view(*lead, n - i, d), (0, 0, i, 0))
+        return out
+
+    def _decoded(self, y: torch.Tensor, x: torch.Tensor | None, squeezed: bool) -> torch.Tensor:
+        """The latents' part `y` (`[..., layer, d_out]`, normalised units) plus the bias and skip path, in raw units."""
+        y = y + self.b_dec
         if self.W_skip is not None:
             if x is None:
                 raise BadInputError("a skip transcoder's decode needs the input x for its skip path")

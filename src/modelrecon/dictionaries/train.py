@@ -45,6 +45,7 @@ class TrainOptions:
     checkpoint_every: int = 0  # steps; 0: only at the end
     decay_fraction: float = 0.2  # the learning rate decays linearly to 0 over this last part of the run
     bf16: bool = False  # bfloat16 autocast for the streamed forward and the dictionaries (faster where bf16_is_fast)
+    reuse: int = 1  # streamed from the model: each token is trained on this many times (the model runs 1/reuse)
 
     @property
     def steps(self) -> int:
@@ -84,8 +85,13 @@ def dictionary_loss(d: Dictionary, x: torch.Tensor, y: torch.Tensor, options: Tr
     """(loss, figures, latents, pre-activations) for one batch `x [B, layer, d_in]`, `y [B, layer, d_out]`."""
     c = d.config
     pre = d.pre_activations(x)
-    f = d.activate(pre, training=True)
-    y_hat = d.decode(f, x)
+    if c.activation == "topk":  # the decoder rows of the k active latents, not a product with a mostly-zero f
+        top = d.top_latents(pre)
+        y_hat = d.decode_top(top.indices, top.values, x)
+        f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.detach())  # for the figures
+    else:
+        f = d.activate(pre, training=True)
+        y_hat = d.decode(f, x)
     scale = d.output_scale[:, None]
     error = (y_hat - y) * scale
     mse = error.pow(2).sum(-1).mean()
@@ -98,9 +104,7 @@ def dictionary_loss(d: Dictionary, x: torch.Tensor, y: torch.Tensor, options: Tr
         aux_k = min(options.aux_k or max(1, c.d_in // 2), int(dead.sum(-1).max()))
         masked = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
         top = masked.topk(aux_k, dim=-1)
-        f_dead = torch.zeros_like(masked).scatter(-1, top.indices, top.values)
-        zero = torch.zeros_like(x)
-        revived = (d.decode(f_dead, zero) - d.decode(torch.zeros_like(f_dead), zero)) * scale
+        revived = d.latent_sum(top.indices, top.values)  # normalised units, like `error`
         loss = loss + options.aux * (revived + error.detach()).pow(2).sum(-1).mean()
     centred = (y - y.mean(0)) * scale
     figures = {
@@ -125,7 +129,7 @@ def train(
     dictionaries = [Dictionary(c) for c in configs]
     slices = _layer_slices(dictionaries)
     params = [p for d in dictionaries for p in d.parameters()]
-    optimiser = torch.optim.Adam(params, lr=options.lr)
+    optimiser = torch.optim.Adam(params, lr=options.lr, fused=True)
     decay_start = int(options.steps * (1 - options.decay_fraction))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser,
@@ -294,5 +298,5 @@ def train_on_model(
             return token_stream(read_texts(corpus), model.tokenizer, context_length)
 
         source = StreamSource(model, windows, inputs, outputs, options.batch_size, seed=options.seed,
-                              buffer_bytes=buffer_bytes)  # fmt: skip
+                              buffer_bytes=buffer_bytes, reuse=options.reuse)  # fmt: skip
     return train(source, configs, options, checkpoint=checkpoint, progress=progress)
