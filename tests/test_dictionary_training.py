@@ -170,6 +170,7 @@ def test_topk_training_decode_gathers_what_the_dense_decode_multiplies(kind, lay
     f = d.activate(pre)
     expected = d.decode(f, torch.zeros_like(x)) - d.decode(torch.zeros_like(f), torch.zeros_like(x))
     assert torch.allclose(d.latent_sum(top.indices, top.values), expected * d.output_scale[:, None], atol=1e-12)
+    assert torch.allclose(d.latent_product(f), expected * d.output_scale[:, None], atol=1e-12)
 
 
 def test_reuse_serves_each_streamed_token_that_many_times_from_fewer_forward_passes(model):

@@ -142,10 +142,13 @@ class Dictionary(nn.Module):
     def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs `[..., layer, d_out]` from latents (and, for skip transcoders, the input `x`)."""
         f, squeezed = self._layered(f) if f.shape[-1] == self.config.width else (f, False)
+        return self._decoded(self.latent_product(f), x, squeezed)
+
+    def latent_product(self, f: torch.Tensor) -> torch.Tensor:
+        """`[..., layer, d_out]`: latents `f [..., layer, width]` times the decoders (no bias, no skip path, in
+        normalised units); output layer m gets the decoders of input layers 0..m."""
         n = self.config.n_layers
-        # output layer m gets the decoders of input layers 0..m
-        y = torch.stack([sum(f[..., i, :] @ self.W_dec[i][:, m - i] for i in range(m + 1)) for m in range(n)], -2)
-        return self._decoded(y, x, squeezed)
+        return torch.stack([sum(f[..., i, :] @ self.W_dec[i][:, m - i] for i in range(m + 1)) for m in range(n)], -2)
 
     def top_latents(self, pre: torch.Tensor) -> torch.return_types.topk:
         """TopK's active latents per token and layer: `indices` and `values`, `[..., layer, k]` (values >= 0)."""
@@ -157,8 +160,9 @@ class Dictionary(nn.Module):
         return self._decoded(self.latent_sum(indices, values), x, squeezed=False)
 
     def latent_sum(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """`[..., layer, d_out]`: sum of value x decoder row over the given latents (no bias, no skip path, in
-        normalised units). Input layer i writes to output layers i..n-1: one gather of its rows, flattened."""
+        """`latent_product` of latents given by index: sum of value x decoder row. Input layer i writes to output
+        layers i..n-1: one gather of its rows, flattened. Faster than the product only for few latents (k of 16 in
+        512: about 10x; half of them: slower)."""
         lead, (n, k), d = indices.shape[:-2], indices.shape[-2:], self.config.d_out
         out = 0
         for i, w in enumerate(self.W_dec):

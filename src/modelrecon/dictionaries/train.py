@@ -104,7 +104,8 @@ def dictionary_loss(d: Dictionary, x: torch.Tensor, y: torch.Tensor, options: Tr
         aux_k = min(options.aux_k or max(1, c.d_in // 2), int(dead.sum(-1).max()))
         masked = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
         top = masked.topk(aux_k, dim=-1)
-        revived = d.latent_sum(top.indices, top.values)  # normalised units, like `error`
+        f_dead = torch.zeros_like(masked).scatter(-1, top.indices, top.values)
+        revived = d.latent_product(f_dead)  # normalised units, like `error`; aux_k is large: dense is faster
         loss = loss + options.aux * (revived + error.detach()).pow(2).sum(-1).mean()
     centred = (y - y.mean(0)) * scale
     figures = {
