@@ -51,7 +51,7 @@ class CachedSource(StreamSource):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 12, 20, 29])
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="tokens:batch:reuse")
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="tokens:batch:reuse[:aux_k]")
     parser.add_argument("--cache-tokens", type=int, default=135_168)
     args = parser.parse_args()
 
@@ -69,13 +69,13 @@ def main() -> None:
     held_x, held_y, x, y = x[-HELD:], y[-HELD:], x[:-HELD], y[:-HELD]
     print(f"cached {len(x) + HELD} tokens of layers {args.layers} in {time.perf_counter() - started:.0f} s")
 
-    print("| tokens | batch | reuse | model tokens | FVU " + " / ".join(f"L{i}" for i in args.layers) + " | mean | s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | model tokens | FVU " + " / ".join(f"L{i}" for i in args.layers) + " | mean | s |")
+    print("|---|---|---|---|---|")
     for variant in args.variants:
-        tokens, batch, reuse = (int(v) for v in variant.split(":"))
+        tokens, batch, reuse, *aux_k = (int(v) for v in variant.split(":"))
         configs = [DictionaryConfig("skip-transcoder", 576, 576, 512, "topk", 16, (a,), (b,))
                    for a, b in zip(inputs, outputs, strict=True)]  # fmt: skip
-        options = TrainOptions(tokens=tokens, batch_size=batch, lr=2e-3, seed=0)
+        options = TrainOptions(tokens=tokens, batch_size=batch, lr=2e-3, seed=0, aux_k=aux_k[0] if aux_k else None)
         source = CachedSource(x, y, batch, reuse)
         started = time.perf_counter()
         dictionaries = train(source, configs, options, progress=False)
@@ -84,7 +84,7 @@ def main() -> None:
         with torch.no_grad():
             fvu = [dictionary_loss(d, held_x[:, [j]], held_y[:, [j]], options, dead)[1]["fvu"]
                    for j, d in enumerate(dictionaries)]  # fmt: skip
-        print(f"| {tokens:,} | {batch} | {reuse} | {source.position:,} | " + " / ".join(f"{v:.3f}" for v in fvu)
+        print(f"| {variant} | {source.position:,} | " + " / ".join(f"{v:.3f}" for v in fvu)
               + f" | {sum(fvu) / len(fvu):.3f} | {seconds:.0f} |", flush=True)  # fmt: skip
 
 

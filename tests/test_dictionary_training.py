@@ -197,7 +197,7 @@ def test_reuse_serves_each_streamed_token_that_many_times_from_fewer_forward_pas
     assert made[2] < 0.7 * made[1]  # the model ran on about half the tokens
 
 
-def test_default_recipe_trains_in_fp32_on_half_the_tokens_where_bf16_is_emulated(monkeypatch):
+def test_default_recipe_trains_in_fp32_where_bf16_is_emulated_and_caches_the_builds_apart(monkeypatch):
     from modelrecon.dictionaries import defaults
 
     class Named:  # the recipe and its cache key read only the model's name and weights' hash
@@ -211,5 +211,4 @@ def test_default_recipe_trains_in_fp32_on_half_the_tokens_where_bf16_is_emulated
         monkeypatch.setattr(defaults, "bf16_is_fast", lambda fast=fast: fast)
         chosen[fast] = (defaults._recipe(Named())["options"], defaults.default_transcoders_folder(Named()))
     assert chosen[True][0].bf16 and not chosen[False][0].bf16
-    assert chosen[False][0].tokens == chosen[True][0].tokens // 2 and chosen[False][0].steps == chosen[True][0].steps
-    assert chosen[True][1] != chosen[False][1]  # cached apart
+    assert chosen[True][1] != chosen[False][1]

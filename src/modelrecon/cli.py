@@ -589,7 +589,7 @@ def train_command(
 
 @app.command("transcoders")
 def transcoders_command(model: ModelOption = DEFAULT_MODEL) -> None:
-    """Build (once; about ten minutes on two cores) or locate the embedded model's default transcoders."""
+    """Build (once; about five minutes on two cores) or locate the embedded model's default transcoders."""
     from modelrecon.dictionaries.defaults import default_transcoders, default_transcoders_folder
 
     loaded = load_model(model)
