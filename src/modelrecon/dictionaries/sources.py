@@ -93,7 +93,7 @@ class StreamSource:
     (often a BOS: an attention sink with outsized activations) is left out.
 
     With `reuse` r > 1 each new token fills r buffer rows, so it is served r times, in different batches: the model
-    runs on 1/r of the tokens trained on (the model's forward is half of a default-transcoder build's time).
+    runs on 1/r of the tokens trained on (its forward pass is a third to a half of a streamed run's time).
     """
 
     def __init__(self, model: Model, windows: Callable[[], Iterator[list[int]]], input_sites: list[str],

@@ -130,7 +130,7 @@ def train(
     dictionaries = [Dictionary(c) for c in configs]
     slices = _layer_slices(dictionaries)
     params = [p for d in dictionaries for p in d.parameters()]
-    optimiser = torch.optim.Adam(params, lr=options.lr, fused=True)
+    optimiser = torch.optim.Adam(params, lr=options.lr, fused=params[0].device.type in ("cpu", "cuda"))
     decay_start = int(options.steps * (1 - options.decay_fraction))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser,
