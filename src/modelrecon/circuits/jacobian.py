@@ -142,16 +142,11 @@ class Jacobian:
             here = sum(s >= layer for s in start)  # and those whose target is this layer's MLP input
             out = g[:above]  # the gradient at resid_post, so also at the MLP's output: the sources' decoder rows'
             for i, decoder in p.writes:  # gradient x value, summed over the layers a (CLT) feature writes to
-                own = i == layer  # the layer's own write holds its error rows too
-                slots, values = (
-                    (self.slots[i][:n], self.values[i][:n])
-                    if own
-                    else (self.slots[i][:n, :-1], self.values[i][:n, :-1])
-                )
+                cut = None if i == layer else -1  # the layer's own write holds its error rows too
+                slots, values = self.slots[i][:n, :cut], self.values[i][:n, :cut]
                 grad = (out.transpose(0, 1) @ decoder[slots].transpose(1, 2)).transpose(0, 1)  # [rows, n, k (+1)]
                 first, width = columns[i], self.slots[i].shape[1]
-                block = effects[:above, first : first + n * width].view(above, n, width)
-                (block if own else block[..., :-1]).addcmul_(grad, values)
+                effects[:above, first : first + n * width].view(above, n, width)[..., :cut].addcmul_(grad, values)
             if p.skip is None or here > above:
                 mlp_in = g.new_zeros(here, n, g.shape[-1])
                 if p.skip is not None:
