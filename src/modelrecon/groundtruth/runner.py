@@ -346,6 +346,7 @@ def run_suite(task_names: list[str] | None = None, method_names: list[str] | Non
         exact = exact_run[0]
         kept = task.scored_units()
         truth = {kept.index(u): sign for u, sign in task.truth.items()}
+        floor = float(np.abs(exact[kept]).max()) if kept else 0.0  # noise-level scores rank as ties, on any CPU
         entry = {"task": task.name, "description": task.description, "site": task.site, "truth": task.truth,
                  "methods": {}}  # fmt: skip
         for name in methods:
@@ -355,7 +356,6 @@ def run_suite(task_names: list[str] | None = None, method_names: list[str] | Non
                 entry["methods"][name] = {"applicable": False, "reason": str(exc)}
                 continue
             twin_scores = METHODS[name](twin, task)
-            floor = float(np.abs(exact[kept]).max()) if kept else 0.0  # noise-level scores rank as ties, on any CPU
             entry["methods"][name] = {
                 "applicable": True,
                 **faithfulness_curve(model, task, significant(scores, floor)),
