@@ -10,6 +10,7 @@ from modelrecon.corpus import read_texts, token_stream
 from modelrecon.dictionaries import Dictionary, DictionaryConfig, TrainOptions, load_dictionaries, train
 from modelrecon.dictionaries.sources import StreamSource
 from modelrecon.dictionaries.train import dictionary_loss, site_pairs
+from modelrecon.errors import BadInputError
 
 from conftest import assert_one_line_error, cli
 from tiny import tiny_model
@@ -195,6 +196,8 @@ def test_reuse_serves_each_streamed_token_that_many_times_from_fewer_forward_pas
     assert counts[1].max() == 1
     assert counts[2].max() == 2 and (counts[2] == 2).float().mean() > 0.5  # most served twice so far, none more
     assert made[2] < 0.7 * made[1]  # the model ran on about half the tokens
+    with pytest.raises(BadInputError, match="reuse must be at least 1"):
+        _source(model, pairs, reuse=0)
 
 
 def test_default_recipe_trains_in_fp32_where_bf16_is_emulated_and_caches_the_builds_apart(monkeypatch):
