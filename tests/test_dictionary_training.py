@@ -215,3 +215,68 @@ def test_default_recipe_trains_in_fp32_where_bf16_is_emulated_and_caches_the_bui
         chosen[fast] = (defaults._recipe(Named())["options"], defaults.default_transcoders_folder(Named()))
     assert chosen[True][0].bf16 and not chosen[False][0].bf16
     assert chosen[True][1] != chosen[False][1]
+
+
+class _Batches:
+    """Fixed batches `(x, y)` `[batch, layer, d]` from memory, optionally one layer's (a source for `train`)."""
+
+    def __init__(self, batches, layer=None):
+        self.batches, self.layer, self.at = batches, layer, 0
+
+    def __next__(self):
+        x, y = self.batches[self.at % len(self.batches)]
+        self.at += 1
+        return (x, y) if self.layer is None else (x[:, self.layer : self.layer + 1], y[:, self.layer : self.layer + 1])
+
+    def state(self):
+        return {"at": self.at}, {}
+
+    def restore(self, meta, tensors):
+        self.at = meta["at"]
+
+
+@pytest.mark.parametrize("kind,activation", [("skip-transcoder", "topk"), ("transcoder", "batchtopk"),
+                                             ("sae", "jumprelu"), ("sae", "relu")])  # fmt: skip
+def test_stacked_training_equals_training_each_layer_alone(kind, activation):
+    """Several layers' dictionaries train as one stack (batched products over layers); each layer ends exactly where
+    training it alone ends (same seed, fp32), AuxK's dead latents included (each layer its own count)."""
+    layers, d, width = 3, 16, 32
+    generator = torch.Generator().manual_seed(0)
+    mix = torch.randn(layers, d, d, generator=generator)
+    batches = []
+    for _ in range(5):
+        x = torch.randn(64, layers, d, generator=generator) * torch.tensor([1.0, 3.0, 0.5])[:, None]
+        batches.append((x, x if kind == "sae" else torch.relu(torch.einsum("bld,lde->ble", x, mix))))
+    sites = [f"layers.{i}.{'resid_post' if kind == 'sae' else 'mlp.in'}" for i in range(layers)]
+    outputs = sites if kind == "sae" else [s.replace(".in", ".out") for s in sites]
+    pairs = zip(sites, outputs, strict=True)
+    configs = [DictionaryConfig(kind, d, d, width, activation, 4, (i,), (o,)) for i, o in pairs]
+    options = TrainOptions(tokens=64 * 30, batch_size=64, lr=3e-3, seed=3, dead_after_tokens=64 * 3, aux_k=6)
+    together = train(_Batches(batches), configs, options, progress=False)
+    for layer, config in enumerate(configs):
+        alone = train(_Batches(batches, layer), [config], options, progress=False)[0]
+        assert together[layer].config == config
+        for name, value in alone.state_dict().items():
+            torch.testing.assert_close(together[layer].state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_stacked_dictionary_round_trips_and_decodes_like_its_layers():
+    configs = [DictionaryConfig("skip-transcoder", 8, 8, 16, "topk", 3, (f"layers.{i}.mlp.in",),
+                                (f"layers.{i}.mlp.out",)) for i in range(3)]  # fmt: skip
+    dictionaries = [Dictionary(c) for c in configs]
+    for i, d in enumerate(dictionaries):
+        d.initialise(torch.randn(32, 1, 8), torch.randn(32, 1, 8), seed=i)
+        with torch.no_grad():
+            d.W_skip.normal_()
+    stack = Dictionary.stack(dictionaries)
+    x = torch.randn(5, 3, 8)
+    expected = torch.stack([d(x[:, i])[0] for i, d in enumerate(dictionaries)], 1)
+    torch.testing.assert_close(stack(x)[0], expected)
+    top = stack.top_latents(stack.pre_activations(x))
+    torch.testing.assert_close(stack.decode_top(top.indices, top.values, x), expected)
+    for back, original in zip(stack.unstack(), dictionaries, strict=True):
+        assert back.config == original.config
+        for name, value in original.state_dict().items():
+            assert torch.equal(back.state_dict()[name], value), name
+    with pytest.raises(BadInputError, match="unstack"):
+        stack.config.to_dict()

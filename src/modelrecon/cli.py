@@ -588,14 +588,20 @@ def train_command(
 
 
 @app.command("transcoders")
-def transcoders_command(model: ModelOption = DEFAULT_MODEL) -> None:
-    """Build (once; about five minutes on two cores) or locate the embedded model's default transcoders."""
-    from modelrecon.dictionaries.defaults import default_transcoders, default_transcoders_folder
+def transcoders_command(
+    model: ModelOption = DEFAULT_MODEL,
+    quality: Annotated[
+        str, typer.Option(help="demo (a few minutes on two cores) or standard (up to an hour; resumable, cached)")
+    ] = "demo",
+) -> None:
+    """Build (once) or locate the embedded model's transcoders of a quality tier; a killed build resumes."""
+    from modelrecon.dictionaries.defaults import check_tier, default_transcoders, default_transcoders_folder
 
     loaded = load_model(model)
-    dictionaries = default_transcoders(loaded)
-    stdout.print(f"{len(dictionaries)} default transcoders of {loaded.name}: {default_transcoders_folder(loaded)}",
-                 markup=False)  # fmt: skip
+    check_tier(loaded, quality)  # a bad tier or model fails before anything is built
+    dictionaries = default_transcoders(loaded, quality)
+    stdout.print(f"{len(dictionaries)} {quality} transcoders of {loaded.name}: "
+                 f"{default_transcoders_folder(loaded, quality)}", markup=False)  # fmt: skip
 
 
 @app.command()
@@ -603,9 +609,9 @@ def trace(
     prompt: Annotated[str, typer.Argument(help="the prompt to trace")],
     out: Annotated[Path, typer.Option("--out", "-o", help="the folder to write graph.json into")],
     model: ModelOption = DEFAULT_MODEL,
-    transcoders: Annotated[str, typer.Option(help="a transcoder folder (modelrecon or circuit-tracer), or default")] = (
-        "default"
-    ),
+    transcoders: Annotated[
+        str, typer.Option(help="a transcoder folder (modelrecon or circuit-tracer), a tier (demo, standard) or default")
+    ] = "default",
     level: Annotated[
         str,
         typer.Option(
@@ -649,8 +655,9 @@ def trace(
         from modelrecon.circuits.attribute import attribute
         from modelrecon.circuits.check import causal_check
         from modelrecon.circuits.replacement import ReplacementModel
+        from modelrecon.dictionaries.defaults import transcoders_by_name
 
-        rm = ReplacementModel(loaded, _transcoder_set(loaded, transcoders))
+        rm = ReplacementModel(loaded, transcoders_by_name(loaded, transcoders))
         corpus_cube = _open_cube_for(cube, loaded.name)
         graph = attribute(loaded, prompt, rm, target=target, wrong=wrong, max_feature_nodes=max_features,
                           batch_size=batch_size)  # fmt: skip
@@ -690,18 +697,6 @@ def _open_cube_for(path: Path | None, model_name: str):
     cube = Cube(path)
     check_cube(cube, model_name)
     return cube
-
-
-def _transcoder_set(loaded, transcoders: str) -> list:
-    from modelrecon.dictionaries.defaults import default_transcoders
-    from modelrecon.dictionaries.formats import import_circuit_tracer, load_dictionaries
-
-    if transcoders == "default":
-        return default_transcoders(loaded)
-    folder = Path(transcoders)
-    if (folder / "config.yaml").exists():
-        return import_circuit_tracer(folder)
-    return load_dictionaries(folder)
 
 
 @app.command()
@@ -760,11 +755,13 @@ def groundtruth_run(
 
 def _register_packages() -> None:
     """Commands that live with their package."""
+    from modelrecon.circuits.cli import graph_eval
     from modelrecon.corpus.cli import corpus_app
     from modelrecon.dictionaries.cli import eval_dict
 
     app.add_typer(corpus_app, name="corpus")
     app.command("eval-dict")(eval_dict)
+    app.command("graph-eval")(graph_eval)
 
 
 _register_packages()

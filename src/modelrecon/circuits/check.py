@@ -70,10 +70,16 @@ def predicted_change(graph: Graph, logit: int, removed: list[int]) -> float:
     return -float(contribution[removed].sum())
 
 
+AGREEMENT_FACTOR = 1.5  # "agrees": the measured change is within this factor of the prediction, sign included
+
+
 @dataclass
 class CausalCheck:
     """The graph's top nodes ablated (features zeroed, or components patched to the baseline) against random sets of
-    as many nodes of the same kind: each measured in the model and predicted from the graph (`predicted_change`)."""
+    as many nodes of the same kind: each measured in the model and predicted from the graph (`predicted_change`).
+
+    The graph *agrees* when the measured change is within `factor` of the prediction with the same sign (or both
+    are negligible); otherwise `accounted` says what share of the measured change the graph predicts."""
 
     target: str
     what: str  # "features" | "components"
@@ -83,32 +89,50 @@ class CausalCheck:
     random_changes: list[float]  # the same for random sets of the same size
     top_predicted: float  # what the graph's edges predict for the top set (first order)
     random_predicted: list[float]
+    factor: float = AGREEMENT_FACTOR
 
     @property
     def random_mean(self) -> float:
         return sum(self.random_changes) / len(self.random_changes)
 
     @property
+    def negligible(self) -> bool:
+        """Both the measured and the predicted change are under 0.05 (in the measure's units: logits)."""
+        return max(abs(self.top_change), abs(self.top_predicted)) < 0.05
+
+    @property
+    def accounted(self) -> float:
+        """The share of the measured change the graph predicts (predicted / measured; negative: the wrong sign)."""
+        return self.top_predicted / self.top_change if self.top_change != 0 else float("inf")
+
+    @property
     def agrees(self) -> bool:
-        """The measured change has the predicted sign, or both are negligible."""
-        scale = max(abs(self.top_change), abs(self.top_predicted), 1e-9)
-        small = 0.05 * max(1.0, scale)
-        return (self.top_change > 0) == (self.top_predicted > 0) or max(abs(self.top_change),
-                                                                          abs(self.top_predicted)) < small  # fmt: skip
+        if self.negligible:
+            return True
+        return 1 / self.factor <= self.accounted <= self.factor
 
     def to_dict(self) -> dict:
         return {"target": self.target, "what": self.what, "count": self.count, "measure": self.measure,
                 "top_change": self.top_change, "top_predicted": self.top_predicted,
                 "random_changes": self.random_changes, "random_predicted": self.random_predicted,
-                "random_mean": self.random_mean, "agrees": self.agrees}  # fmt: skip
+                "random_mean": self.random_mean, "factor": self.factor, "accounted": self.accounted,
+                "agrees": self.agrees}  # fmt: skip
+
+    def verdict(self) -> str:
+        if self.negligible:
+            return "both negligible: agrees"
+        if self.agrees:
+            return f"agrees with the graph, within a factor of {self.factor:g}"
+        if self.accounted < 0:
+            return "DISAGREES with the graph: the opposite sign"
+        return (f"DISAGREES with the graph: it accounts for {self.accounted:.0%} of the change "
+                f"(tolerance: a factor of {self.factor:g})")  # fmt: skip
 
     def summary(self) -> str:
-        verdict = ("agrees with the graph" if self.agrees else
-                   "DISAGREES with the graph: the edges do not explain this intervention")  # fmt: skip
         mean_predicted = sum(self.random_predicted) / len(self.random_predicted)
         return (f"causal check: ablating the graph's top {self.count} {self.what} changes the {self.measure} by "
-                f"{self.top_change:+.3f} (the graph predicts {self.top_predicted:+.3f}: {verdict}); {self.count} "
-                f"random {self.what}: {self.random_mean:+.3f} (predicted {mean_predicted:+.3f}, mean of "
+                f"{self.top_change:+.3f} (the graph predicts {self.top_predicted:+.3f}: {self.verdict()}); "
+                f"{self.count} random {self.what}: {self.random_mean:+.3f} (predicted {mean_predicted:+.3f}, mean of "
                 f"{len(self.random_changes)} draws)")  # fmt: skip
 
 

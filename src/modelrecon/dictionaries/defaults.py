@@ -1,8 +1,9 @@
 """Default transcoders for the embedded models: built once on this machine, then cached.
 
-Committing trained weights for every layer would put tens of megabytes into the repository, so the default set is
-a recipe instead: `default_transcoders(model)` trains it the first time (about 5 minutes on two CPU cores, from
-the shipped sample corpus) and keeps it under the modelrecon cache, keyed by the model's weights and the recipe.
+Committing trained weights for every layer would put tens of megabytes into the repository, so each quality tier is
+a recipe instead: `default_transcoders(model, quality)` trains it the first time (`demo`: a few minutes on two CPU
+cores; `standard`: up to an hour) and keeps it under the modelrecon cache, keyed by the model's weights and the
+recipe.
 """
 
 from __future__ import annotations
@@ -20,23 +21,41 @@ from modelrecon.errors import BadInputError
 from modelrecon.models.loading import cache_root
 from modelrecon.models.model import Model
 
-# Skip transcoders: the linear skip path takes the MLP's linear part, so few latents reach a usable FVU. reuse 2: the
-# sample corpus has 70k tokens, so each is trained on twice from one forward pass (the same FVU as two passes,
-# measured). 65,536 tokens in 256 steps of 256 keep `make demo` under 10 minutes on two cores without fast bf16 (mean
-# FVU 0.39 against 0.37 for twice the tokens, benchmarks/transcoder_recipe.py). bf16 where this machine runs it fast
-# (`bf16_is_fast`); the recipe key records which, so the two builds are cached apart.
-RECIPES: dict[str, dict] = {
+TIERS = ("demo", "standard")
+
+# Skip transcoders: the linear skip path takes the MLP's linear part, so few latents reach a usable FVU. reuse 2: each
+# streamed token is trained on twice from one forward pass (the same FVU as two passes, measured). bf16 where this
+# machine runs it fast (`bf16_is_fast`); the recipe key records which, so the two builds are cached apart. How each
+# tier was chosen, and what it measures, is in docs/dictionaries.md ("Quality tiers", from
+# benchmarks/transcoder_frontier.py).
+RECIPES: dict[str, dict[str, dict]] = {
     "smollm2-135m": {
-        "kind": "skip-transcoder",
-        "site": "layers.*.mlp",
-        "width": 512,
-        "activation": "topk",
-        "k": 16,
-        "corpus": "sample",
-        "context_length": 128,
-        "options": TrainOptions(
-            tokens=65_536, batch_size=256, lr=2e-3, seed=0, checkpoint_every=64, bf16=True, reuse=2
-        ),
+        # what `make demo` builds: a few minutes on two cores from the shipped sample corpus
+        "demo": {
+            "kind": "skip-transcoder",
+            "site": "layers.*.mlp",
+            "width": 512,
+            "activation": "topk",
+            "k": 16,
+            "corpus": "sample",
+            "context_length": 128,
+            "options": TrainOptions(
+                tokens=65_536, batch_size=256, lr=2e-3, seed=0, checkpoint_every=64, bf16=True, reuse=2
+            ),
+        },
+        # the best graphs per CPU-hour found within an hour on two cores
+        "standard": {
+            "kind": "skip-transcoder",
+            "site": "layers.*.mlp",
+            "width": 2048,
+            "activation": "topk",
+            "k": 32,
+            "corpus": "sample",
+            "context_length": 128,
+            "options": TrainOptions(
+                tokens=262_144, batch_size=512, lr=2e-3, seed=0, checkpoint_every=32, bf16=True, reuse=2
+            ),
+        },
     },
 }
 
@@ -47,19 +66,17 @@ def _folder(model: Model, recipe: dict) -> Path:
     return cache_root() / "transcoders" / f"{model.name}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
 
 
-def default_transcoders(model: Model, build: bool = True, progress: bool = True) -> list[Dictionary]:
-    """The model's default transcoders (one per layer), trained and cached on first use when `build`."""
-    recipe = _recipe(model)
-    if recipe is None:
-        raise BadInputError(
-            f"no default transcoders for {model.name}; train some with modelrecon train --kind skip-transcoder "
-            f"--site 'layers.*.mlp' --out DIR and pass that folder (defaults exist for {', '.join(RECIPES)})"
-        )
+def default_transcoders(model: Model, quality: str = "demo", build: bool = True,
+                         progress: bool = True) -> list[Dictionary]:  # fmt: skip
+    """The model's transcoders of one quality tier (one per layer), trained and cached on first use when `build`.
+    A killed build resumes from its checkpoint."""
+    recipe = _recipe(model, quality)
     folder = _folder(model, recipe)
     if (folder / "config.json").exists():
         return load_dictionaries(folder)
     if not build:
-        raise BadInputError(f"the default transcoders of {model.name} are not built yet; run modelrecon transcoders")
+        raise BadInputError(f"the {quality} transcoders of {model.name} are not built yet; run modelrecon "
+                            f"transcoders --quality {quality}")  # fmt: skip
     checkpoint = folder.with_name(folder.name + ".checkpoint")  # a killed build resumes here
     dictionaries = train_on_model(
         model, recipe["kind"], recipe["site"], recipe["width"], recipe["options"], activation=recipe["activation"],
@@ -71,15 +88,51 @@ def default_transcoders(model: Model, build: bool = True, progress: bool = True)
     return load_dictionaries(folder)
 
 
-def default_transcoders_folder(model: Model) -> Path | None:
-    """Where the default set is cached (None when the model has no recipe)."""
-    recipe = _recipe(model)
-    return None if recipe is None else _folder(model, recipe)
+def default_transcoders_folder(model: Model, quality: str = "demo") -> Path | None:
+    """Where a tier is cached (None when the model has no recipes)."""
+    return _folder(model, _recipe(model, quality)) if model.name in RECIPES else None
 
 
-def _recipe(model: Model) -> dict | None:
-    recipe = RECIPES.get(model.name)
-    if recipe is None:
-        return None
+def built_tiers(model: Model) -> list[str]:
+    """The tiers of the model that are built and cached here."""
+    if model.name not in RECIPES:
+        return []
+    return [t for t in TIERS if (_folder(model, _recipe(model, t)) / "config.json").exists()]
+
+
+def transcoders_by_name(model: Model, name: str) -> list[Dictionary]:
+    """Transcoders named on the command line: a tier (`demo`, `standard`), `default` (the best tier built here, else
+    the demo tier, built on first use), or a folder (modelrecon's, or circuit-tracer's with a config.yaml). Only the
+    demo tier is built implicitly: the standard one takes up to an hour and is built by `modelrecon transcoders`."""
+    from modelrecon.dictionaries.formats import import_circuit_tracer
+
+    if name == "default":
+        built = built_tiers(model)
+        return default_transcoders(model, built[-1] if built else "demo")
+    if name in TIERS:
+        return default_transcoders(model, name, build=name == "demo")
+    folder = Path(name)
+    if not folder.is_dir():
+        raise BadInputError(f"--transcoders {name!r} is neither a folder nor one of default, {', '.join(TIERS)}")
+    if (folder / "config.yaml").exists():
+        return import_circuit_tracer(folder)
+    return load_dictionaries(folder)
+
+
+def check_tier(model: Model, quality: str) -> None:
+    """A one-line error for an unknown tier, or a model without recipes."""
+    _recipe(model, quality)
+
+
+def _recipe(model: Model, quality: str = "demo") -> dict:
+    if quality not in TIERS:
+        raise BadInputError(f"unknown transcoder quality {quality!r}; use one of {', '.join(TIERS)}")
+    recipes = RECIPES.get(model.name)
+    if recipes is None:
+        raise BadInputError(
+            f"no default transcoders for {model.name}; train some with modelrecon train --kind skip-transcoder "
+            f"--site 'layers.*.mlp' --out DIR and pass that folder (defaults exist for {', '.join(RECIPES)})"
+        )
+    recipe = recipes[quality]
     options = recipe["options"]
     return {**recipe, "options": replace(options, bf16=options.bf16 and bf16_is_fast())}

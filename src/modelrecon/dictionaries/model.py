@@ -10,6 +10,10 @@ sparse latents `f`:
 - `transcoder`: e.g. `layers.L.mlp.in` -> `layers.L.mlp.out`; `skip-transcoder` adds a linear skip path.
 - `clt` (cross-layer transcoder): an encoder per layer, decoders from each layer to itself and every later layer.
 
+A *stack* (`Dictionary.stack`, `stacked=True`) is several per-layer dictionaries of one shape held as one: every
+parameter gets a leading layer axis and each layer's latents decode to their own layer only, so training all layers is
+a few batched products instead of a loop over layers (`unstack` gives the per-layer dictionaries back).
+
 Activation functions (`act`): `relu` (trained with an L1 penalty), `topk`, `batchtopk` (top k x batch over the batch
 while training; at inference a threshold estimated during training, as for JumpReLU), `jumprelu` (a learned
 threshold per latent, trained through a straight-through estimator). Input and output normalisation constants
@@ -41,6 +45,7 @@ class DictionaryConfig:
     output_sites: tuple[str, ...] = ()  # one per layer (a clt writes to each of them from every earlier layer)
     jumprelu_bandwidth: float = 0.05  # the straight-through estimator's window (in normalised units)
     provenance: dict = field(default_factory=dict)  # model, its weights' sha256, tokens, corpus, seed, recipe ...
+    stacked: bool = False  # per-layer dictionaries held as one for training (never saved so: `unstack` first)
 
     @property
     def n_layers(self) -> int:
@@ -55,14 +60,23 @@ class DictionaryConfig:
             raise BadInputError(f"{self.activation} needs 0 < k <= width, got k={self.k} for width {self.width}")
         if len(self.input_sites) != len(self.output_sites) or not self.input_sites:
             raise BadInputError("a dictionary needs one input and one output site per layer")
-        if self.kind != "clt" and self.n_layers != 1:
+        if self.kind != "clt" and self.n_layers != 1 and not self.stacked:
             raise BadInputError(f"a {self.kind} reads one layer; use --kind clt for several")
         if self.kind == "sae" and (self.input_sites != self.output_sites or self.d_in != self.d_out):
             raise BadInputError("an SAE reconstructs its own site: the input and output sites must be the same")
         return self
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "input_sites": list(self.input_sites), "output_sites": list(self.output_sites)}
+        if self.stacked:
+            raise BadInputError("a stacked dictionary is a training form; unstack it before saving")
+        out = {**asdict(self), "input_sites": list(self.input_sites), "output_sites": list(self.output_sites)}
+        del out["stacked"]
+        return out
+
+    def layer(self, i: int) -> DictionaryConfig:
+        """A stack's config of its layer `i` alone."""
+        return replace(self, input_sites=self.input_sites[i : i + 1], output_sites=self.output_sites[i : i + 1],
+                       stacked=False)  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict) -> DictionaryConfig:
@@ -85,10 +99,12 @@ class Dictionary(nn.Module):
         n, c = config.n_layers, config
         self.W_enc = nn.Parameter(torch.zeros(n, c.d_in, c.width, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(n, c.width, dtype=dtype))
-        # W_dec[l] holds the decoders from layer l to layers l..n-1 (one for per-layer dictionaries).
+        # W_dec[l] holds the decoders from layer l to layers l..n-1 (one for per-layer dictionaries); a stack holds
+        # one `[layer, width, d_out]`, each layer's decoders to itself.
         self.W_dec = nn.ParameterList(
+            [nn.Parameter(torch.zeros(n, c.width, c.d_out, dtype=dtype))] if c.stacked else
             [nn.Parameter(torch.zeros(c.width, n - i, c.d_out, dtype=dtype)) for i in range(n)]
-        )
+        )  # fmt: skip
         self.b_dec = nn.Parameter(torch.zeros(n, c.d_out, dtype=dtype))
         self.W_skip = (
             nn.Parameter(torch.zeros(n, c.d_in, c.d_out, dtype=dtype)) if c.kind == "skip-transcoder" else None
@@ -148,6 +164,8 @@ class Dictionary(nn.Module):
         """`[..., layer, d_out]`: latents `f [..., layer, width]` times the decoders (no bias, no skip path, in
         normalised units); output layer m gets the decoders of input layers 0..m."""
         n = self.config.n_layers
+        if self.config.stacked:
+            return torch.einsum("...lw,lwd->...ld", f, self.W_dec[0])
         return torch.stack([sum(f[..., i, :] @ self.W_dec[i][:, m - i] for i in range(m + 1)) for m in range(n)], -2)
 
     def top_latents(self, pre: torch.Tensor) -> torch.return_types.topk:
@@ -164,6 +182,12 @@ class Dictionary(nn.Module):
         layers i..n-1: one gather of its rows, flattened. Faster than the product only for few latents (16 of 512:
         about 4x, forward and backward, fp32 on two cores; half of them: slower)."""
         lead, (n, k), d = indices.shape[:-2], indices.shape[-2:], self.config.d_out
+        if self.config.stacked:  # one gather over every layer's rows: layer l's latents are rows l x width + i
+            w = self.W_dec[0]
+            rows = indices + torch.arange(n, device=indices.device)[:, None] * self.config.width
+            part = nn.functional.embedding_bag(rows.reshape(-1, k), w.flatten(0, 1), mode="sum",
+                                               per_sample_weights=values.reshape(-1, k).to(w.dtype))  # fmt: skip
+            return part.view(*lead, n, d)
         out = 0
         for i, w in enumerate(self.W_dec):
             rows, weights = indices[..., i, :].reshape(-1, k), values[..., i, :].reshape(-1, k).to(w.dtype)
@@ -190,11 +214,16 @@ class Dictionary(nn.Module):
     # --- set-up and saving ----------------------------------------------------------------------------------------
     def decoder_norms(self) -> torch.Tensor:
         """`[layer, width]`: each latent's decoder norm (over every layer it writes to)."""
+        if self.config.stacked:
+            return self.W_dec[0].norm(dim=-1)
         return torch.stack([w.flatten(1).norm(dim=1) for w in self.W_dec])
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
         """Unit-norm decoder rows (over every output layer of a latent); the encoder is unaffected."""
+        if self.config.stacked:
+            self.W_dec[0].div_(self.W_dec[0].norm(dim=-1, keepdim=True).clamp_min(1e-8))
+            return
         for w in self.W_dec:
             w.div_(w.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None])
 
@@ -202,7 +231,13 @@ class Dictionary(nn.Module):
     def initialise(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> None:
         """Unit-norm random decoder rows, the encoder their transpose (tied init), the decoder bias at the mean output,
         and normalisation scales that give inputs and outputs a mean squared distance of d from their mean (`x`, `y`:
-        `[tokens, layer, d]` samples)."""
+        `[tokens, layer, d]` samples). A stack initialises each layer as that layer's own dictionary would."""
+        if self.config.stacked:
+            layers = [Dictionary(self.config.layer(i), self.b_enc.dtype) for i in range(self.config.n_layers)]
+            for i, d in enumerate(layers):
+                d.initialise(x[:, i : i + 1], y[:, i : i + 1], seed)
+            self._copy_layers(layers)
+            return
         generator = torch.Generator().manual_seed(seed)
         c = self.config
         # Scales from the spread around the mean, not the raw norm: a constant offset (an attention sink's massive
@@ -237,6 +272,38 @@ class Dictionary(nn.Module):
             out.W_skip.copy_(self.W_skip * (s_in / s_out)[:, None, None])
         out.input_scale.fill_(1.0)
         out.output_scale.fill_(1.0)
+        return out
+
+    @classmethod
+    def stack(cls, dictionaries: list[Dictionary]) -> Dictionary:
+        """Per-layer dictionaries of one shape as one stacked dictionary (the module docstring)."""
+        c = dictionaries[0].config
+        sites = {"input_sites": sum((d.config.input_sites for d in dictionaries), ()),
+                 "output_sites": sum((d.config.output_sites for d in dictionaries), ())}  # fmt: skip
+        if c.kind == "clt" or any(replace(d.config, **sites) != replace(c, **sites) for d in dictionaries):
+            raise BadInputError("only per-layer dictionaries of one kind, shape and activation can be stacked")
+        out = cls(replace(c, **sites, stacked=True), dictionaries[0].b_enc.dtype)
+        out._copy_layers(dictionaries)
+        return out
+
+    @torch.no_grad()
+    def _copy_layers(self, layers: list[Dictionary]) -> None:
+        for name, value in self.state_dict().items():
+            if name == "W_dec.0":
+                value.copy_(torch.stack([d.W_dec[0][:, 0] for d in layers]))
+            else:
+                value.copy_(torch.cat([d.state_dict()[name] for d in layers]))
+
+    @torch.no_grad()
+    def unstack(self) -> list[Dictionary]:
+        """A stack's per-layer dictionaries (copies)."""
+        out = []
+        for i in range(self.config.n_layers):
+            d = Dictionary(self.config.layer(i), self.b_enc.dtype)
+            for name, value in d.state_dict().items():
+                mine = self.state_dict()[name]
+                value.copy_(mine[i][:, None] if name == "W_dec.0" else mine[i : i + 1])
+            out.append(d)
         return out
 
     def with_config(self, **changes) -> Dictionary:

@@ -1,7 +1,8 @@
 """Training dictionaries: several layers' dictionaries (or one cross-layer transcoder) from one activation source.
 
 Loss per dictionary, in normalised units (inputs and targets scaled to a mean squared norm of d):
-- reconstruction: ||y - ŷ||², summed over the output, mean over tokens and layers;
+- reconstruction: ||y - ŷ||², summed over the output, mean over tokens and layers (a CLT) or summed over layers
+  (per-layer dictionaries, so that a stack of them trains exactly as each layer alone);
 - relu: + l1 * sum_i f_i ||W_dec,i|| (the decoder norm keeps the penalty from being dodged by shrinking f);
 - jumprelu: + l0 * sum_i H(pre_i - threshold_i) (straight-through gradient for the threshold);
 - topk / batchtopk: + aux * AuxK (Gao et al. 2024): the latents dead for `dead_after_tokens` tokens reconstruct the
@@ -20,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -92,25 +93,32 @@ def dictionary_loss(d: Dictionary, x: torch.Tensor, y: torch.Tensor, options: Tr
     else:
         f = d.activate(pre, training=True)
         y_hat = d.decode(f, x)
+
+    def reduce(per_token_layer: torch.Tensor) -> torch.Tensor:  # `[batch, layer]` -> the loss term
+        return per_token_layer.mean() if c.kind == "clt" else per_token_layer.mean(0).sum()
+
     scale = d.output_scale[:, None]
     error = (y_hat - y) * scale
-    mse = error.pow(2).sum(-1).mean()
-    loss = mse
+    loss = reduce(error.pow(2).sum(-1))
     if c.activation == "relu":
-        loss = loss + options.l1 * (f * d.decoder_norms()).sum(-1).mean()
+        loss = loss + options.l1 * reduce((f * d.decoder_norms()).sum(-1))
     elif c.activation == "jumprelu":
-        loss = loss + options.l0 * step(pre, d.log_threshold.exp(), c.jumprelu_bandwidth).sum(-1).mean()
-    elif dead.any():  # AuxK
-        aux_k = min(options.aux_k or max(1, c.d_in // 2), int(dead.sum(-1).max()))
+        loss = loss + options.l0 * reduce(step(pre, d.log_threshold.exp(), c.jumprelu_bandwidth).sum(-1))
+    elif dead.any():  # AuxK, each layer with its own count: min(aux_k, its dead latents)
+        aux_k = (dead.sum(-1)).clamp(max=options.aux_k or max(1, c.d_in // 2))
         masked = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
-        top = masked.topk(aux_k, dim=-1)
-        f_dead = torch.zeros_like(masked).scatter(-1, top.indices, top.values)
-        revived = d.latent_product(f_dead)  # normalised units, like `error`; aux_k is large: dense is faster
-        loss = loss + options.aux * (revived + error.detach()).pow(2).sum(-1).mean()
+        top = masked.topk(int(aux_k.max()), dim=-1)
+        kept = top.values * (torch.arange(top.values.shape[-1], device=pre.device) < aux_k[:, None])
+        if 8 * top.values.shape[-1] <= c.width:  # few latents: gather their decoder rows (normalised units)
+            revived = d.latent_sum(top.indices, kept)
+        else:  # many (the default aux_k, half of d_in): the dense product is faster
+            revived = d.latent_product(torch.zeros_like(masked).scatter(-1, top.indices, kept))
+        loss = loss + options.aux * reduce((revived + error.detach()).pow(2).sum(-1))
     centred = (y - y.mean(0)) * scale
+    fvu = error.detach().pow(2).sum((0, -1)) / centred.pow(2).sum((0, -1)).clamp_min(1e-12)  # per layer
     figures = {
         "loss": float(loss.detach()),
-        "fvu": float(error.detach().pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12)),
+        "fvu": float(fvu.mean()),
         "l0": float((f > 0).sum(-1).float().mean()),
     }
     return loss, figures, f, pre
@@ -128,6 +136,9 @@ def train(
     `options.checkpoint_every` steps and at the end, and a run resumes from it when it exists."""
     torch.manual_seed(options.seed)
     dictionaries = [Dictionary(c) for c in configs]
+    stacked = len(dictionaries) > 1 and _stackable(configs)
+    if stacked:  # one set of batched products over every layer instead of a loop over layers
+        dictionaries = [Dictionary.stack(dictionaries)]
     slices = _layer_slices(dictionaries)
     params = [p for d in dictionaries for p in d.parameters()]
     optimiser = torch.optim.Adam(params, lr=options.lr, fused=params[0].device.type in ("cpu", "cuda"))
@@ -136,8 +147,8 @@ def train(
         optimiser,
         lambda s: 1.0 if s < decay_start else max(0.0, (options.steps - s) / max(1, options.steps - decay_start)),
     )
-    state = TrainState(0, [torch.zeros(c.n_layers, c.width) for c in configs],
-                       [torch.zeros(c.n_layers) for c in configs], {})  # fmt: skip
+    state = TrainState(0, [torch.zeros(d.config.n_layers, d.config.width) for d in dictionaries],
+                       [torch.zeros(d.config.n_layers) for d in dictionaries], {})  # fmt: skip
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     first = None
     if checkpoint is not None and (checkpoint / "state.json").exists():
@@ -181,7 +192,16 @@ def train(
             at_checkpoint = options.checkpoint_every and state.step % options.checkpoint_every == 0
             if checkpoint is not None and (at_checkpoint or state.step == options.steps):
                 _save(checkpoint, dictionaries, optimiser, schedule, state, source, options)
-    return dictionaries
+    return dictionaries[0].unstack() if stacked else dictionaries
+
+
+def _stackable(configs: list[DictionaryConfig]) -> bool:
+    """Per-layer dictionaries of one kind, shape and activation (they differ only in their sites)."""
+
+    def shape(c: DictionaryConfig) -> DictionaryConfig:
+        return replace(c, input_sites=(), output_sites=())
+
+    return all(c.kind != "clt" and shape(c) == shape(configs[0]) for c in configs)
 
 
 def _save(folder: Path, dictionaries, optimiser, schedule, state: TrainState, source, options: TrainOptions) -> None:

@@ -1,0 +1,57 @@
+"""`modelrecon graph-eval`: registered on the main app with `app.command("graph-eval")(graph_eval)`.
+User errors raise ModelreconError, which the main entry point prints on one line (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from modelrecon.cli_common import ModelOption, load_model, stdout
+from modelrecon.models.embedded import DEFAULT_MODEL
+
+
+def _figure(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def graph_eval(
+    json_out: Annotated[Path, typer.Option("--json", help="the JSON report to write (per prompt and averages)")],
+    transcoders: Annotated[
+        str, typer.Option(help="a transcoder folder, a tier (demo, standard) or default")
+    ] = "default",
+    prompts: Annotated[
+        Path | None, typer.Option(help="a JSONL file of {prompt, answer, kind?, subject?} (default: the shipped set)")
+    ] = None,  # fmt: skip
+    model: ModelOption = DEFAULT_MODEL,
+    max_features: Annotated[int, typer.Option("--max-features", min=1, help="feature rows per graph")] = 1000,
+    check_features: Annotated[int, typer.Option(min=1, help="features ablated by each causal check")] = 10,
+    limit: Annotated[int | None, typer.Option(min=1, help="only the first N prompts")] = None,
+) -> None:
+    """Graph quality on held-out prompts: each traced to its answer, scored (replacement, completeness, errors'
+    share, influence through features, top input tokens, subject's share) and checked by intervention."""
+    from modelrecon.circuits.evaluate import evaluate_graphs, read_prompts
+    from modelrecon.circuits.replacement import ReplacementModel
+    from modelrecon.dictionaries.defaults import transcoders_by_name
+    from modelrecon.files import write_text_atomic
+
+    chosen = read_prompts(prompts)[:limit]
+    loaded = load_model(model)
+    rm = ReplacementModel(loaded, transcoders_by_name(loaded, transcoders))
+    report = evaluate_graphs(loaded, rm, chosen, transcoders, max_feature_nodes=max_features,
+                             check_features=check_features)  # fmt: skip
+    data = report.to_dict()
+    table = Table("prompts", "n", "replacement", "completeness", "error share", "via features", "subject share",
+                  "causal agrees", title=f"graph quality of {transcoders} on {loaded.name}")  # fmt: skip
+    for name, row in [*data["by_kind"].items(), ("all", data["average"])]:
+        table.add_row(name, str(row["prompts"]), *(_figure(row[k]) for k in ("replacement", "completeness",
+                      "error_share", "through_features", "subject_share", "causal_agrees")))  # fmt: skip
+    stdout.print(table)
+    wrong = [r["prompt"] for r in data["prompts"] if not r["correct"]]
+    if wrong:
+        stdout.print(f"{len(wrong)} prompt(s) the model does not answer: {wrong[:3]}", markup=False)
+    stdout.print(f"wrote {write_text_atomic(json_out, json.dumps(data, indent=1))}", markup=False)
