@@ -125,6 +125,9 @@ class CausalCheck:
             return f"agrees with the graph, within a factor of {self.factor:g}"
         if self.accounted < 0:
             return "DISAGREES with the graph: the opposite sign"
+        if self.accounted > 1:
+            return (f"DISAGREES with the graph: it predicts {self.accounted:.1f}x the change "
+                    f"(tolerance: a factor of {self.factor:g})")  # fmt: skip
         return (f"DISAGREES with the graph: it accounts for {self.accounted:.0%} of the change "
                 f"(tolerance: a factor of {self.factor:g})")  # fmt: skip
 

@@ -187,6 +187,8 @@ def train(
                 if d.config.activation == "batchtopk":
                     d.threshold.copy_((state.kept_min_sum[i] / state.step)[:, None].expand_as(d.threshold))
             state.last = {k: sum(f[k] for f in figures) / len(figures) for k in ("loss", "fvu", "l0")}
+            if stacked:  # per layer, as the figures of separate dictionaries would read
+                state.last["loss"] /= dictionaries[0].config.n_layers
             state.last["dead"] = float(sum((t > dead_after).float().mean() for t in state.dead_for) / len(figures))
             advance(len(x), "  ".join(f"{k} {v:.3g}" for k, v in state.last.items()))
             at_checkpoint = options.checkpoint_every and state.step % options.checkpoint_every == 0
