@@ -26,10 +26,10 @@ import torch
 
 from modelrecon.circuits.graph import Graph
 from modelrecon.circuits.prune import (
-    _logit_weights,
-    _normalised,
     completeness_score,
+    logit_weights,
     node_influence,
+    normalised_weights,
     replacement_score,
 )
 from modelrecon.errors import BadInputError
@@ -120,9 +120,9 @@ def graph_quality(graph: Graph, subject: list[int] | None = None) -> GraphQualit
     embeddings = influence[kind_of["embedding"]]
     total_input = float(embeddings.sum())
     # the embeddings' direct influence: one step of w B from the logits, nothing in between
-    w = _logit_weights(graph)
+    w = logit_weights(graph)
     sources, targets = graph.sources.to(torch.int64), graph.targets.to(torch.int64)
-    b = _normalised(graph.n_nodes, targets, graph.weights)
+    b = normalised_weights(graph.n_nodes, targets, graph.weights)
     direct = torch.zeros(graph.n_nodes, dtype=torch.float64).index_add_(0, sources, w[targets] * b)
     direct_input = float(direct[kind_of["embedding"]].sum())
     positions = [graph.nodes[i].position for i in kind_of["embedding"].nonzero().flatten().tolist()]

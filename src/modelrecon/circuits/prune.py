@@ -24,7 +24,7 @@ _PRUNABLE = ("feature", "error", "head", "mlp")
 _NEEDS_INPUT = ("feature", "head", "mlp")  # dropped when no kept edge reaches them
 
 
-def _logit_weights(graph: Graph) -> torch.Tensor:
+def logit_weights(graph: Graph) -> torch.Tensor:
     """`w`: the logit nodes' probabilities normalised to sum 1 (uniform where they are missing or all 0)."""
     w = torch.zeros(graph.n_nodes, dtype=torch.float64)
     logits = graph.logit_nodes()
@@ -37,7 +37,7 @@ def _logit_weights(graph: Graph) -> torch.Tensor:
     return w
 
 
-def _normalised(n: int, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def normalised_weights(n: int, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per edge, `B[target, source]`: |weight| over the sum of |weights| into the same target (duplicates add up)."""
     magnitude = weights.detach().to(torch.float64).abs()
     row_sum = torch.zeros(n, dtype=torch.float64).index_add_(0, targets, magnitude)
@@ -61,7 +61,7 @@ def _influence(n: int, sources: torch.Tensor, targets: torch.Tensor, b: torch.Te
 def influence(n: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
               logit_weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """Node influence `w (B + B^2 + ...)` straight from edge lists (also for a graph still being built)."""
-    return _influence(n, sources, targets, _normalised(n, targets, weights), logit_weights)
+    return _influence(n, sources, targets, normalised_weights(n, targets, weights), logit_weights)
 
 
 def _graph_arrays(graph: Graph) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,15 +74,15 @@ def node_influence(graph: Graph) -> torch.Tensor:
     Logit nodes get 0 (they have no outgoing edges); the influences of the nodes with no inputs of their own (token
     embeddings, error nodes) sum to 1 when every path ends there."""
     sources, targets = _graph_arrays(graph)
-    return influence(graph.n_nodes, sources, targets, graph.weights, _logit_weights(graph))
+    return influence(graph.n_nodes, sources, targets, graph.weights, logit_weights(graph))
 
 
 def edge_influence(graph: Graph, node_influence: torch.Tensor) -> torch.Tensor:
     """Per edge, `B[t, s] * (I[t] + w[t])`: its normalised |weight| times its target's influence plus the target's
     logit weight (circuit-tracer's `compute_edge_influence`), float64 `[n_edges]`."""
     sources, targets = _graph_arrays(graph)
-    b = _normalised(graph.n_nodes, targets, graph.weights)
-    through = node_influence.to(torch.float64) + _logit_weights(graph)
+    b = normalised_weights(graph.n_nodes, targets, graph.weights)
+    through = node_influence.to(torch.float64) + logit_weights(graph)
     return b * through[targets]
 
 
@@ -130,7 +130,7 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
             raise ValueError(f"{name} must be between 0 and 1, got {value}")
     n = graph.n_nodes
     sources, targets = _graph_arrays(graph)
-    w = _logit_weights(graph)
+    w = logit_weights(graph)
     influence = node_influence(graph)
 
     prunable = torch.tensor([node.kind in _PRUNABLE for node in graph.nodes], dtype=torch.bool)
@@ -139,7 +139,7 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
 
     between = keep[sources] & keep[targets]
     sub_s, sub_t = sources[between], targets[between]
-    b = _normalised(n, sub_t, graph.weights[between])
+    b = normalised_weights(n, sub_t, graph.weights[between])
     sub_influence = _influence(n, sub_s, sub_t, b, w)
     scores = b * (sub_influence + w)[sub_t]
     edge_kept = torch.zeros(len(sources), dtype=torch.bool)
@@ -207,8 +207,8 @@ def completeness_score(graph: Graph) -> float:
     As in circuit-tracer, a node without inputs (token embeddings, error nodes themselves) counts as fully explained
     (its row of B is 0). 1 when no node reads an error node; NaN for a graph with no logit weight."""
     sources, targets = _graph_arrays(graph)
-    b = _normalised(graph.n_nodes, targets, graph.weights)
-    w = _logit_weights(graph)
+    b = normalised_weights(graph.n_nodes, targets, graph.weights)
+    w = logit_weights(graph)
     influence = _influence(graph.n_nodes, sources, targets, b, w)
     is_error = torch.tensor([node.kind == "error" for node in graph.nodes], dtype=torch.bool)
     from_errors = torch.zeros(graph.n_nodes, dtype=torch.float64)
