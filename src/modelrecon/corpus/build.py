@@ -218,3 +218,14 @@ def _metadata(chosen, counts, stats, tokenizer_name, seed, max_tokens) -> dict:
         "tokens": tokens if tokenizer_name is not None else None,
         "sources": per_source,
     }
+
+
+def default_corpus(max_tokens: int, tokenizer, root: str | Path | None = None, progress: bool = True) -> Path:
+    """The offline default corpus (every installed source) of about `max_tokens` tokens, built once into the modelrecon
+    cache and reused: what the `standard` transcoder tier trains on. A one-line error when no source is installed."""
+    from modelrecon.models.loading import cache_root
+
+    folder = cache_root() / "corpus" / f"default-{max_tokens}"
+    if not (folder / "corpus.json").is_file():  # corpus.json is written last, so its presence means complete
+        build_corpus(folder, max_tokens=max_tokens, tokenizer=tokenizer, root=root, progress=progress)
+    return folder
