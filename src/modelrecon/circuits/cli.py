@@ -45,11 +45,12 @@ def graph_eval(
     report = evaluate_graphs(loaded, rm, chosen, transcoders, max_feature_nodes=max_features,
                              check_features=check_features)  # fmt: skip
     data = report.to_dict()
-    table = Table("prompts", "n", "replacement", "completeness", "error share", "via features", "subject share",
-                  "causal agrees", title=f"graph quality of {transcoders} on {loaded.name}")  # fmt: skip
+    columns = {"replacement": "replacement", "completeness": "completeness", "error_share": "error share",
+               "through_features": "via features", "subject_share": "subject share", "subject_top": "subject top",
+               "causal_agrees": "causal agrees", "causal_accounted": "accounted (median)"}  # fmt: skip
+    table = Table("prompts", "n", *columns.values(), title=f"graph quality of {transcoders} on {loaded.name}")
     for name, row in [*data["by_kind"].items(), ("all", data["average"])]:
-        table.add_row(name, str(row["prompts"]), *(_figure(row[k]) for k in ("replacement", "completeness",
-                      "error_share", "through_features", "subject_share", "causal_agrees")))  # fmt: skip
+        table.add_row(name, str(row["prompts"]), *(_figure(row[k]) for k in columns))
     stdout.print(table)
     wrong = [r["prompt"] for r in data["prompts"] if not r["correct"]]
     if wrong:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -160,8 +161,9 @@ class EvalReport:
         out = {name: _mean(r[name] for r in rows) for name in self.SCORES}
         out["subject_top"] = _mean(float(r["subject_top"]) for r in rows if r["subject_top"] is not None)
         out["causal_agrees"] = _mean(float(r["causal"]["agrees"]) for r in rows)
-        out["causal_accounted"] = _mean(r["causal"]["accounted"] for r in rows
-                                        if math.isfinite(r["causal"]["accounted"]))  # fmt: skip
+        # a median: the share is a ratio, and one check with a near-zero measured change would swamp a mean
+        accounted = [r["causal"]["accounted"] for r in rows if math.isfinite(r["causal"]["accounted"])]
+        out["causal_accounted"] = statistics.median(accounted) if accounted else math.nan
         out["prompts"] = len(rows)
         return out
 
