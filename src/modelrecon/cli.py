@@ -776,6 +776,9 @@ _register_packages()
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from modelrecon.memory import keep_freed_memory
+
+    keep_freed_memory()
     try:
         app(args=argv)
     except ModelreconError as exc:

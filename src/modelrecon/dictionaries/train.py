@@ -134,6 +134,9 @@ def train(
     """Train one dictionary per config on `source`'s batches (`source` yields `x [B, layers, d_in]`, `y [B, layers,
     d_out]`, the configs' layers in order). With `checkpoint` (a folder), the state is saved there every
     `options.checkpoint_every` steps and at the end, and a run resumes from it when it exists."""
+    from modelrecon.memory import keep_freed_memory
+
+    keep_freed_memory()  # large per-step temporaries stay in the heap instead of faulting in fresh pages
     torch.manual_seed(options.seed)
     dictionaries = [Dictionary(c) for c in configs]
     stacked = len(dictionaries) > 1 and _stackable(configs)
