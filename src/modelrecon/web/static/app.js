@@ -122,8 +122,13 @@ function nodeRadius(n) {
 const COLOURS = { "cross layer transcoder": "#3b6fc4", "mlp reconstruction error": "#9a9a9a", embedding: "#2f9e44",
   logit: "#e08a00", "attention head": "#8a4fd0", mlp: "#d04f8a" };
 
-function nodeLabel(n) {
+// A feature's label: the user's own (saved in the annotations) over the explanation the graph file carries (clerp)
+function nodeLabel(n, labels = {}) {
   const type = n.feature_type;
+  if (type === "cross layer transcoder") {
+    const text = labels[n.node_id] || n.clerp;
+    return `L${n.layer} F${n.mr_index} @${n.ctx_idx} ${JSON.stringify(n.token)}` + (text ? ` · ${text}` : "");
+  }
   if (type === "embedding") return `token ${JSON.stringify(n.token)} @${n.ctx_idx}`;
   if (type === "logit") return n.clerp || `logit ${n.token}`;
   if (type === "mlp reconstruction error") return `error L${n.layer} @${n.ctx_idx}`;
@@ -241,10 +246,10 @@ async function graphView(main, id) {
         else delete notes.labels[n.node_id]; } });
     const linkList = (list, end) => el("ul", { class: "link-list" }, ...list.map(k => {
       const other = links[k][end];
-      return el("li", { onclick: () => select(other) }, `${fmt(links[k][2])}  ${nodeLabel(nodes[other])}`);
+      return el("li", { onclick: () => select(other) }, `${fmt(links[k][2])}  ${nodeLabel(nodes[other], notes.labels)}`);
     }));
     panel.replaceChildren(
-      el("h3", { id: "panel-title" }, nodeLabel(n)),
+      el("h3", { id: "panel-title" }, nodeLabel(n, notes.labels)),
       el("table", {}, ...[["id", n.node_id], ["type", n.feature_type], ["layer", n.layer], ["position", n.ctx_idx],
         ["token", JSON.stringify(n.token)], ["activation", fmt(n.activation)],
         ["influence (cumulative)", fmt(n.influence)]].map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v)))),
@@ -267,7 +272,7 @@ async function graphView(main, id) {
     const i = e.target.dataset && e.target.dataset.index;
     if (i !== undefined) {
       const n = nodes[+i];
-      showTip(e, `${nodeLabel(n)}\n${n.node_id}\nactivation ${fmt(n.activation)}  influence ${fmt(n.influence)}` +
+      showTip(e, `${nodeLabel(n, notes.labels)}\n${n.node_id}\nactivation ${fmt(n.activation)}  influence ${fmt(n.influence)}` +
         `\ninputs ${inputs[+i].length}, outputs ${outputs[+i].length}` +
         (notes.labels[n.node_id] ? `\n${notes.labels[n.node_id]}` : ""));
     }
@@ -289,6 +294,15 @@ function exampleView(example, max) {
   }));
 }
 
+// Each score beside its control (another feature's explanation, same scorer): a score means something above it
+function scoresView(d) {
+  const scores = d.explanation_scores || {};
+  const names = Object.keys(scores).filter(k => scores[k] && scores[k].score !== null);
+  if (!names.length) return el("span");
+  return el("p", { id: "explanation-scores", class: "muted" }, (d.explainer ? `by ${d.explainer}; ` : "") +
+    names.map(k => `${k} ${fmt(scores[k].score)} (control ${fmt(scores[k].control)})`).join(", "));
+}
+
 function dashboardView(d) {
   if (!d) return [el("p", { class: "muted", id: "no-dashboard" },
     "no dashboard for this feature (trace with --cube to build them)")];
@@ -300,7 +314,9 @@ function dashboardView(d) {
   return [
     el("h3", {}, `feature L${d.layer}/${d.feature}`),
     el("p", {}, `fires on ${(100 * d.frequency).toFixed(2)}% of tokens, max ${fmt(d.max)}`),
-    el("p", {}, el("b", {}, "explanation: "), d.explanation || el("span", { class: "muted" }, "none yet")),
+    el("p", { id: "explanation" }, el("b", {}, "explanation: "),
+      d.explanation || el("span", { class: "muted" }, "none yet (modelrecon explain, or trace --explain)")),
+    scoresView(d),
     el("h3", {}, "top activations"),
     el("div", { id: "top-examples" }, ...d.top_examples.map(x => exampleView(x, d.max))),
     el("h3", {}, "activation histogram (non-zero)"), hist,
