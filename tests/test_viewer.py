@@ -17,6 +17,8 @@ from modelrecon.cli import main
 from modelrecon.cube.capture import capture
 from modelrecon.dictionaries import Dictionary, DictionaryConfig
 from modelrecon.explain.dashboards import feature_dashboards, graph_features, save_dashboards
+from modelrecon.explain.explainers import explain_features
+from modelrecon.explain.store import label_trace
 from modelrecon.web.app import LOOPBACK_HOSTS, MAX_ANNOTATION_BYTES, create_app
 from modelrecon.web.notebook import show
 
@@ -56,6 +58,9 @@ def build_site(folder, model_folder):
     (folder / "trace").mkdir()
     save_graph(graph, folder / "trace" / "graph.json")
     save_dashboards(feature_dashboards(rm, graph_features(graph), cube), folder / "trace" / "features.json")
+    document = explain_features(rm, cube, graph_features(graph), folder / "trace" / "explanations.json",
+                                scorers=["detection", "simulation"], progress=False)  # fmt: skip
+    label_trace(document, folder / "trace")  # labels on the graph's feature nodes, explanations in the dashboards
     pair = ["--clean", "ab cd", "--corrupt", "ab ce", "--answer", "x", "--wrong", "y", "--model", model_folder]
     _cli("patch", *pair, "--sweep", "resid_pre", "--json", folder / "patch.json")
     _cli("verify", *pair, "--sweep", "heads", "--json", folder / "verify.json")

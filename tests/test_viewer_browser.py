@@ -121,6 +121,12 @@ def test_graph_feature_panel_and_pins_survive_reload(page, server):
     assert page.locator("#top-examples .example").count() > 0
     assert page.locator("#top-examples .example .focus").count() > 0  # the activating token is highlighted
     assert page.locator("#histogram rect").count() > 0
+    # the feature's explanation is its label in the panel's title, and the dashboard shows it with its scores
+    graph = json.loads((server["folder"] / "trace" / "graph.json").read_text())
+    clerp = next(n["clerp"] for n in graph["nodes"] if n["node_id"] == node_id)
+    assert clerp and clerp in page.locator("#panel-title").inner_text()
+    assert clerp in page.locator("#explanation").inner_text()
+    assert "control" in page.locator("#explanation-scores").inner_text()
     shot(page, "graph-feature-panel")
     page.click("#pin-node")
     page.click("#save-annotations")
