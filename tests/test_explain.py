@@ -6,14 +6,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from modelrecon.circuits.attribute import attribute
 from modelrecon.circuits.graph_file import save_graph
 from modelrecon.circuits.prune import prune_graph
 from modelrecon.circuits.replacement import ReplacementModel
 from modelrecon.cube.capture import capture
-from modelrecon.dictionaries import Dictionary, DictionaryConfig
 from modelrecon.dictionaries.formats import save_dictionaries
 from modelrecon.explain.dashboards import feature_dashboards, graph_features, save_dashboards
 from modelrecon.explain.examples import examples_from_activations, split_prompts
@@ -23,6 +21,7 @@ from modelrecon.explain.scoring import causal_score, score_explanation
 from modelrecon.explain.store import label_trace, load_explanations, to_neuronpedia
 
 from conftest import assert_one_line_error, cli
+from test_viewer import _transcoders
 
 TEXTS = [
     "the quick fox saw 3 quiet ducks at 9 and 41 more",
@@ -38,19 +37,6 @@ TEXTS = [
     "quick quiz: what is 9 plus 1",
     "they sold 25 apples and 14 pears today",
 ]
-
-
-def _transcoders(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for layer in range(model.n_layers):
-        sites = (f"layers.{layer}.mlp.in",), (f"layers.{layer}.mlp.out",)
-        d = Dictionary(DictionaryConfig("skip-transcoder", model.d_model, model.d_model, 40, "topk", 5, *sites))
-        with torch.no_grad():
-            for p in d.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-        out.append(d)
-    return out
 
 
 @pytest.fixture(scope="module")
