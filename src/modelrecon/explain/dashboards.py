@@ -79,22 +79,17 @@ def feature_dashboards(
 ) -> dict:
     """Dashboards of `(layer, feature)` pairs from `cube`'s `mlp.in` activations (module docstring)."""
     check_cube(cube, rm.model.name)
-    wanted: dict[int, list[int]] = {}
-    for layer, feature in features:
-        wanted.setdefault(int(layer), []).append(int(feature))
+    from modelrecon.explain.examples import by_layer, feature_activations
+
     table = cube.token_table()
     prompt_of, texts = table["prompt_index"], table["text"]
     spans = [cube.prompt_tokens(p) for p in range(cube.n_prompts)]
     unembed = rm.model.hf.get_output_embeddings().weight.detach().float()
     generator = np.random.default_rng(seed)
     out: dict[str, dict] = {}
-    for layer, latents in sorted(wanted.items()):
-        if layer not in cube.layers("mlp.in"):
-            raise BadInputError(f"cube {cube.path} has no mlp.in for layer {layer}; capture every layer the graph has")
-        with torch.no_grad():
-            x = torch.from_numpy(cube.get("mlp.in", layers=[layer])[:, 0].astype(np.float32))
-            acts = rm.encode_layer(layer, x)[:, sorted(set(latents))].numpy()
-        for column, feature in enumerate(sorted(set(latents))):
+    for layer, latents in by_layer(features).items():
+        acts = feature_activations(rm, cube, layer, latents)
+        for column, feature in enumerate(latents):
             a = acts[:, column]
 
             def example(token: int, a=a) -> dict:

@@ -81,6 +81,14 @@ def feature_activations(rm: ReplacementModel, cube: Cube, layer: int, features: 
         return rm.encode_layer(layer, x)[:, features].numpy()
 
 
+def by_layer(features: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
+    """`{layer: sorted distinct features}` of `(layer, feature)` pairs, layers in order."""
+    grouped: dict[int, set[int]] = {}
+    for layer, feature in features:
+        grouped.setdefault(int(layer), set()).add(int(feature))
+    return {layer: sorted(grouped[layer]) for layer in sorted(grouped)}
+
+
 def split_prompts(n_prompts: int, seed: int = 0) -> tuple[set[int], set[int]]:
     """(train, test) prompt indices: a seeded half each (test gets the extra one)."""
     if n_prompts < 2:
@@ -96,12 +104,8 @@ def sample_examples(rm: ReplacementModel, cube: Cube, features: Iterable[tuple[i
     from modelrecon.explain.dashboards import check_cube
 
     check_cube(cube, rm.model.name)
-    wanted: dict[int, list[int]] = {}
-    for layer, feature in features:
-        wanted.setdefault(int(layer), []).append(int(feature))
     activations = {}
-    for layer, latents in sorted(wanted.items()):
-        columns = sorted(set(latents))
+    for layer, columns in by_layer(features).items():
         activations[layer] = (columns, feature_activations(rm, cube, layer, columns))
     return examples_from_activations(cube, activations, **options)
 
