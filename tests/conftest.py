@@ -25,6 +25,12 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def gemma3():
+    """The second embedded model, Gemma 3 270M (converted from its GGUF on first use, about a minute)."""
+    return modelrecon.load("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2_folder(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
 

@@ -106,34 +106,38 @@ def test_smollm2_attribution_on_the_demo_prompt(smollm2):
     assert int(ig.per_position.abs().argmax()) == 3  # all of it on " France", the only token that differs
 
 
-def test_smollm2_replacement_model_and_graph_edges(smollm2):
-    """On the real model: the replacement model reproduces the logits, and doubling a feature (everything downstream
-    frozen) moves its graph targets by the edge weights. Random skip transcoders are enough for both."""
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_real_replacement_model_and_graph_edges(name, smollm2, gemma3):
+    """On the real embedded models (Llama-like SmolLM2; Gemma 3 with its norms on each sublayer's output): the
+    replacement model reproduces the logits, and doubling a feature (everything downstream frozen) moves its graph
+    targets by the edge weights. Random skip transcoders are enough for both."""
     from modelrecon.circuits.attribute import attribute
     from modelrecon.circuits.replacement import ReplacementModel
     from modelrecon.dictionaries import Dictionary, DictionaryConfig
 
+    model = smollm2 if name == "smollm2-135m" else gemma3
     generator = torch.Generator().manual_seed(0)
     transcoders = []
-    for layer in range(smollm2.n_layers):
+    for layer in range(model.n_layers):
         sites = (f"layers.{layer}.mlp.in",), (f"layers.{layer}.mlp.out",)
-        d = Dictionary(DictionaryConfig("skip-transcoder", 576, 576, 64, "topk", 4, *sites))
+        d = Dictionary(DictionaryConfig("skip-transcoder", model.d_model, model.d_model, 64, "topk", 4, *sites))
         with torch.no_grad():
             for p in d.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
         transcoders.append(d)
     prompt = "The capital of France is"
-    rm = ReplacementModel(smollm2, transcoders)
-    clean = rm.clean(smollm2.encode(prompt))
+    rm = ReplacementModel(model, transcoders)
+    clean = rm.clean(model.encode(prompt))
     assert (rm.forward(clean) - clean.logits).abs().max() < 1e-4
-    graph = attribute(smollm2, prompt, transcoders, max_feature_nodes=24, progress=False)
+    assert (rm.forward(clean, live=True) - clean.logits).abs().max() < 1e-4
+    graph = attribute(model, prompt, transcoders, max_feature_nodes=24, progress=False)
     assert graph.metadata["edge_check_error"] < 1e-4  # every edge at once against one exact intervention
     logit = graph.logit_nodes()[0]
     node = graph.nodes[logit]
 
     def target_value(features=None):
         with torch.no_grad(), rm.linearised(clean, 1, features):
-            logits = smollm2.forward(smollm2.batch_from_ids([clean.ids]), last_only=True)[0, -1]
+            logits = rm.target_logits(model.batch_from_ids([clean.ids]))[0]
         return float(logits[node.feature] - logits.mean())
 
     base = target_value()

@@ -19,6 +19,7 @@ from modelrecon.counterfactual.metrics import single_token
 from modelrecon.errors import BadInputError
 from modelrecon.hooks.run import run
 from modelrecon.models.model import Model
+from modelrecon.models.weights import linear_weight, norm, output_weight
 
 
 @dataclass(frozen=True)
@@ -63,30 +64,19 @@ def _is_identity(module: nn.Module, attention: nn.Module) -> bool:
 
 def head_output_weights(model: Model, layer: int) -> torch.Tensor:
     """The output projection split per head: `[head, d_head, d_model]`."""
-    o_proj = model.layer_module(layer, model.adapter.o_proj)
-    weight = o_proj.weight if type(o_proj).__name__ == "Conv1D" else o_proj.weight.T  # -> [in, out]
-    return weight.reshape(model.n_heads, model.d_head, -1)
+    return output_weight(model, layer).T.reshape(model.n_heads, model.d_head, -1)
 
 
 def down_weights(model: Model, layer: int) -> torch.Tensor:
     """The MLP's down projection as `[d_mlp, d_model]`."""
-    down = model.layer_module(layer, model.adapter.down_proj)
-    return down.weight if type(down).__name__ == "Conv1D" else down.weight.T
+    return linear_weight(model.layer_module(layer, model.adapter.down_proj)).T
 
 
 def _frozen_norm(model: Model, final: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor | None, bool]:
     """(scale, weight, bias, centres) of the final norm at this residual vector, so norm(x) = centre(x)*scale*w + b."""
-    norm = model.module(model.adapter.final_norm)
-    x = final.double()
-    if isinstance(norm, nn.LayerNorm):
-        scale = 1.0 / torch.sqrt(x.var(unbiased=False) + norm.eps)
-        return float(scale), norm.weight.double(), None if norm.bias is None else norm.bias.double(), True
-    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
-    with torch.no_grad():  # RMS norms differ in how they store the weight (Gemma: 1 + w): read it off a unit input
-        weight = norm(torch.ones(1, x.shape[-1], dtype=final.dtype, device=final.device))[0].double()
-    weight = weight * torch.sqrt(torch.tensor(1.0 + eps, dtype=torch.float64))
-    scale = 1.0 / torch.sqrt((x * x).mean() + eps)
-    return float(scale), weight, None, False
+    parts = norm(model.module(model.adapter.final_norm))
+    scale = float(parts.scale(final.double()))
+    return scale, parts.gain.double(), None if parts.bias is None else parts.bias.double(), parts.centred
 
 
 def direct_logit_attribution(

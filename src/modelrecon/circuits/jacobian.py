@@ -7,8 +7,9 @@ clean run's frozen quantities and the model's own weights. Compared with autogra
 needs no forward pass at all, keeps nothing of one alive, and a batch of targets that all sit at positions <= p
 only touches positions 0..p (attention is causal), which is why `attribute` batches its targets by position.
 
-Written out, the pass knows the layer layout the replacement model accepts: pre-norm layers with RMS norms, separate
-q/k/v projections and an MLP whose output is added to the residual stream (Llama, Mistral, Qwen 2 and 3, Gemma 1).
+Written out, the pass knows every layer layout the replacement model accepts: RMS or layer norms (frozen, a layer
+norm's centring folded into the maps it feeds), separate or fused q/k/v projections, a norm on attention's output
+(Gemma 2/3) and the parallel residual of GPT-NeoX and Pythia (attention and MLP both read the layer's input).
 `check_edges` holds it to the unmodified model: it moves every source by its own random factor at once, runs the
 hooked replacement model forward, and each target must change by the sum of factor x edge weight over its edges.
 """
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from modelrecon.circuits.replacement import CleanRun, ReplacementModel, norm_gain
-from modelrecon.errors import BadInputError
+from modelrecon.circuits.replacement import CleanRun, ReplacementModel
+from modelrecon.models.weights import Norm, linear_weight, norm, output_weight, value_weight
 
 
 @dataclass(frozen=True)
@@ -39,30 +40,23 @@ class Target:
 class _Layer:
     """One layer's frozen linear maps, with the norms' gains and scales folded in where they commute."""
 
-    value: torch.Tensor  # [kv_heads * d_head, d]: v_proj times the attention norm's gain
+    value: torch.Tensor  # [kv_heads * d_head, d]: v_proj times the attention norm's gain (and its centring)
     out: torch.Tensor  # [d, heads * d_head]: o_proj
     pattern: torch.Tensor  # [kv_heads, group * q, k]: the frozen pattern times the attention norm's scale at k
-    mlp_gain: torch.Tensor  # [d]
+    mlp_norm: Norm
     mlp_scale: torch.Tensor  # [pos, 1]: the MLP norm's frozen 1/rms
-    skip: torch.Tensor | None  # [d_out, d_in] times the MLP norm's gain: a skip transcoder's linear path, transposed
+    attn_out: tuple[Norm, torch.Tensor] | None  # a norm on attention's output and its frozen scale [pos, 1]
+    skip: torch.Tensor | None  # [d_out, d_in]: a skip transcoder's linear path, transposed
     writes: list[tuple[int, torch.Tensor]]  # (source layer i, the decoder from i's features [width (+ pos), d])
-
-
-def _weight(module: torch.nn.Module) -> torch.Tensor:
-    weight = getattr(module, "weight", None)
-    if not isinstance(module, torch.nn.Linear) or weight is None:
-        raise BadInputError(f"the attribution pass reads linear projections; {type(module).__name__} is not one")
-    return weight.detach().float()
 
 
 class Jacobian:
     """The transposed replacement model of one prompt (see the module docstring)."""
 
     def __init__(self, rm: ReplacementModel, clean: CleanRun) -> None:
-        model, adapter = rm.model, rm.model.adapter
-        if adapter.qkv_layout != "separate":
-            raise BadInputError(f"the replacement model needs separate q/k/v projections ({adapter.family} fuses them)")
+        model = rm.model
         self.rm, self.clean = rm, clean
+        self.parallel = not model.has_resid_mid
         self.heads, self.kv_heads, self.d_head = model.n_heads, model.n_kv_heads, model.d_head
         # Per layer and position, the sources a layer's MLP output feeds: its active features (padded to a common
         # count k) and, last, its error node, which enters as one more decoder row (the error vector, value 1).
@@ -72,26 +66,29 @@ class Jacobian:
             pos, width = f.shape
             self.slots.append(torch.cat([latents, width + torch.arange(pos)[:, None]], 1))
             self.values.append(torch.cat([f.float().gather(-1, latents) * valid, torch.ones(pos, 1)], 1))
-        norms, scales = rm._norms(), [s.float() for s in clean.norm_scales]
+        frozen, scales = rm.norms, [s.float() for s in clean.norm_scales]
         self.layers = []
         for layer in range(rm.n_layers):
-            attn, mlp_gain = norm_gain(norms[2 * layer]), norm_gain(norms[2 * layer + 1])
-            pattern = clean.patterns[layer].float() * scales[2 * layer][:, 0]  # [heads, q, k] x scale at k
+            attn = norm(frozen.modules[frozen.attn[layer]])
+            mlp = norm(frozen.modules[frozen.mlp[layer]])
+            pattern = clean.patterns[layer].float() * scales[frozen.attn[layer]][:, 0]  # [heads, q, k] x scale at k
             heads, pos = pattern.shape[0], pattern.shape[1]
             skip = self._skip(layer)
+            post = frozen.attn_out[layer]
             self.layers.append(_Layer(
-                value=_weight(model.layer_module(layer, adapter.qkv[2])) * attn,
-                out=_weight(model.layer_module(layer, adapter.o_proj)),
+                value=attn.transposed(value_weight(model, layer)),  # W_v diag(gain) C, C symmetric
+                out=output_weight(model, layer),
                 pattern=pattern.reshape(self.kv_heads, heads // self.kv_heads * pos, pos),
-                mlp_gain=mlp_gain,
-                mlp_scale=scales[2 * layer + 1],
-                skip=None if skip is None else skip.T * mlp_gain,
+                mlp_norm=mlp,
+                mlp_scale=scales[frozen.mlp[layer]],
+                attn_out=None if post is None else (norm(frozen.modules[post]), scales[post]),
+                skip=None if skip is None else skip.T,
                 writes=self._writes(layer),
             ))  # fmt: skip
-        unembed = _weight(model.hf.get_output_embeddings())
+        unembed = linear_weight(model.hf.get_output_embeddings())
         self.unembed = unembed  # [vocab, d]
         self.mean_unembed = unembed.mean(0)
-        self.final = norm_gain(norms[-1]) * scales[-1][-1]  # the final norm at the last position
+        self.final = norm(frozen.modules[frozen.final]), scales[frozen.final][-1]  # the final norm, last position
         self.embed = clean.embed.float()
         self._layouts: dict[int, tuple[dict, torch.Tensor]] = {}  # per batch length n: `_columns`
 
@@ -133,7 +130,8 @@ class Jacobian:
         for row, t in enumerate(targets):
             if t.kind == "logit":
                 other = self.mean_unembed if t.wrong is None else self.unembed[t.wrong]
-                g[row, last] = (self.unembed[t.token] - other) * self.final
+                final, scale = self.final
+                g[row, last] = final.transposed(self.unembed[t.token] - other) * scale
         columns, nodes = self._columns(n, index)
         effects = g.new_zeros(len(targets), nodes.numel())  # [rows, sources]: rows that have not started stay zero
         for layer in reversed(range(n_layers)):
@@ -153,13 +151,19 @@ class Jacobian:
                     torch.matmul(out, p.skip, out=mlp_in[:above])
             else:
                 mlp_in = out @ p.skip
-            if here > above:  # seeds: a feature target's encoder direction at its position, through the norm's gain
+            if here > above:  # seeds: a feature target's encoder direction at its position
                 rows = range(above, here)
                 positions = torch.tensor([targets[r].position for r in rows])
                 encoders = rm.encoder_vector(layer, torch.tensor([targets[r].feature for r in rows])).T.float()
-                mlp_in.index_put_((torch.tensor(rows), positions), encoders * p.mlp_gain, accumulate=True)
-            g[:here].addcmul_(mlp_in, p.mlp_scale[:n])
-            g[:here] += self._attention_transposed(g[:here], p, n)
+                mlp_in.index_put_((torch.tensor(rows), positions), encoders, accumulate=True)
+            # Sequential: the MLP reads resid_mid, so its gradient joins the residual before attention's transpose.
+            # Parallel: attention and MLP both read the layer's input; attention sees only resid_post's gradient.
+            attention = self._attention_transposed(g[:above], p, n) if self.parallel else None
+            g[:here].addcmul_(p.mlp_norm.transposed(mlp_in), p.mlp_scale[:n])
+            if attention is None:
+                g[:here] += self._attention_transposed(g[:here], p, n)
+            else:
+                g[:above] += attention
         effects[:, :n] = _dot(g, self.embed[:n])
         row, column = ((effects != 0) & (nodes >= 0)).nonzero(as_tuple=True)
         return torch.tensor(order)[row], nodes[column], effects[row, column]
@@ -182,6 +186,9 @@ class Jacobian:
         v_proj^T (and the norm's gain)."""
         rows, kv, dh = g.shape[0], self.kv_heads, self.d_head
         group = self.heads // kv
+        if p.attn_out is not None:  # Gemma's norm on attention's output, frozen
+            post, scale = p.attn_out
+            g = post.transposed(g) * scale[:n]
         heads = (g @ p.out).view(rows, n, kv, group, dh).permute(2, 3, 1, 0, 4).reshape(kv, group * n, rows * dh)
         pos = p.pattern.shape[-1]
         pattern = p.pattern.view(kv, group, pos, pos)[:, :, :n, :n].reshape(kv, group * n, n)
@@ -226,7 +233,7 @@ def check_edges(rm: ReplacementModel, clean: CleanRun, index, edges, targets: li
         leaves["embed"][1] = moved(clean.embed, index.embeddings)
         for layer, nodes in enumerate(index.errors):
             leaves["errors"][layer][1] = moved(clean.errors[layer], nodes)
-        logits = rm.model.forward(rm.model.batch_from_ids([clean.ids] * 2), last_only=True)[:, -1].double()
+        logits = rm.target_logits(rm.model.batch_from_ids([clean.ids] * 2)).double()
         mlp_in = [x.double() for x in leaves["mlp_in"]]
     change = torch.zeros(len(targets), dtype=torch.float64)
     logit_rows = [i for i, t in enumerate(targets) if t.kind == "logit"]

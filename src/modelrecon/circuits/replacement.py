@@ -23,6 +23,7 @@ from modelrecon.errors import BadInputError
 from modelrecon.hooks.trace import hooked
 from modelrecon.models.model import Model
 from modelrecon.models.sites import site_name
+from modelrecon.models.weights import is_norm, norm
 
 
 @dataclass
@@ -36,7 +37,7 @@ class CleanRun:
     errors: list[torch.Tensor]  # per layer [pos, d_model]: the MLP's output minus the transcoder's prediction
     patterns: list[torch.Tensor]  # per layer [head, q, k]
     logits: torch.Tensor  # [vocab] at the last position
-    norm_scales: list[torch.Tensor]  # per norm module (ReplacementModel._norms order) [pos, 1]: 1 / rms of its input
+    norm_scales: list[torch.Tensor]  # per frozen norm (`FrozenNorms.modules` order) [pos, 1]: 1 / rms of its input
 
 
 def _one_layer(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
@@ -57,12 +58,8 @@ class ReplacementModel:
     `modelrecon train --kind transcoder|skip-transcoder --site 'layers.*.mlp'`)."""
 
     def __init__(self, model: Model, transcoders: list[Dictionary]) -> None:
-        if model.adapter.mlp_out != model.adapter.mlp or not model.has_resid_mid:
-            raise BadInputError(
-                f"the replacement model needs an MLP whose output is what it adds to the residual stream; "
-                f"{model.adapter.family} models normalise it first or run it in parallel (use a component graph)"
-            )
         self.model = model
+        self.norms = _norms_to_freeze(model)
         self.clt: Dictionary | None = None
         self.transcoders: list[Dictionary] = []
         folded = [d.fold_normalisation() for d in transcoders]  # raw activations in and out
@@ -136,10 +133,10 @@ class ReplacementModel:
         n = self.n_layers
         sites = ["layers.0.resid_pre"] + [site_name(k, i) for i in range(n) for k in ("mlp.in", "mlp.out",
                                                                                      "attn.pattern")]  # fmt: skip
-        scales: list[torch.Tensor] = []
+        scales: dict[int, torch.Tensor] = {}
         with ExitStack() as stack:
-            for module in self._norms():
-                stack.enter_context(_frozen_scale(module, record=scales))
+            for i, module in enumerate(self.norms.modules):
+                stack.enter_context(_frozen_scale(module, record=(scales, i)))
             result = run(self.model, self.model.batch_from_ids([ids]), record=sites)
         acts = {s: v[0] for s, v in result.acts.items()}
         mlp_in = [acts[site_name("mlp.in", i)] for i in range(n)]
@@ -147,7 +144,7 @@ class ReplacementModel:
         errors = [acts[site_name("mlp.out", i)] - self.decode_layer(i, features, mlp_in[i]) for i in range(n)]
         patterns = [acts[site_name("attn.pattern", i)] for i in range(n)]
         return CleanRun(ids, acts["layers.0.resid_pre"], mlp_in, features, errors, patterns, result.logits[0][-1],
-                        scales)  # fmt: skip
+                        [scales[i] for i in range(len(self.norms.modules))])  # fmt: skip
 
     @contextmanager
     def linearised(self, clean: CleanRun, rows: int, features: list[torch.Tensor] | None = None,
@@ -180,21 +177,20 @@ class ReplacementModel:
                 edit[site_name("attn.pattern", layer)] = lambda value, ctx, p=pattern: p[None].to(value)
         with ExitStack() as stack:
             if not live:
-                for module, scale in zip(self._norms(), clean.norm_scales, strict=True):
+                for module, scale in zip(self.norms.modules, clean.norm_scales, strict=True):
                     stack.enter_context(_frozen_scale(module, scale))
             for layer in range(n):
-                module = model.layer_module(layer, model.adapter.mlp)
-                stack.enter_context(_replaced_mlp(module, self, leaves, layer, live_features, clean))
+                stack.enter_context(_replaced_mlp(model, self, leaves, layer, live_features, clean))
             stack.enter_context(hooked(model, batch, edit=edit))
             yield leaves
 
-    def _norms(self) -> list[torch.nn.Module]:
-        model = self.model
-        norms = []  # in the order the forward pass runs them (the clean run records their scales in that order)
-        for layer in range(self.n_layers):
-            norms += [model.layer_module(layer, model.adapter.attn_norm),
-                      model.layer_module(layer, model.adapter.mlp_norm)]  # fmt: skip
-        return norms + [model.module(model.adapter.final_norm)]
+    def target_logits(self, batch) -> torch.Tensor:
+        """Last-position logits `[rows, vocab]` before any final soft-capping (Gemma 2): what a graph's logit nodes
+        stand for, linear in the residual stream once the final norm is frozen."""
+        final = self.model.forward(batch, logits=False)[:, -1]
+        head = self.model.hf.get_output_embeddings()
+        return torch.nn.functional.linear(final.float(), head.weight.float(),
+                                          None if head.bias is None else head.bias.float())  # fmt: skip
 
     def forward(self, clean: CleanRun, rows: int = 1, features=None, live: bool = False,
                 live_features: bool | None = None) -> torch.Tensor:  # fmt: skip
@@ -203,30 +199,51 @@ class ReplacementModel:
             return self.model.forward(self.model.batch_from_ids([clean.ids] * rows), last_only=True)[:, -1]
 
 
-def norm_gain(module: torch.nn.Module) -> torch.Tensor:
-    """What an RMS norm multiplies the normalised input by, `[d]` (Gemma's norms scale by 1 + weight)."""
-    weight = getattr(module, "weight", None)
-    if weight is None or "RMSNorm" not in type(module).__name__:
-        raise BadInputError(f"freezing {type(module).__name__} is not supported; the replacement model needs RMS norms")
-    offset = 1.0 if "Gemma" in type(module).__name__ else 0.0
-    return offset + weight.detach().float()
+@dataclass(frozen=True)
+class FrozenNorms:
+    """The norms the replacement model freezes, and where each sits in `modules` (and `CleanRun.norm_scales`):
+    per layer the attention's and the MLP's input norms and, where the family has one (Gemma 2/3), the norm on
+    attention's output; then the final norm. A norm on the MLP's output needs no freezing: the replacement
+    replaces what it returns."""
+
+    modules: list[torch.nn.Module]
+    attn: list[int]
+    mlp: list[int]
+    attn_out: list[int | None]
+    final: int
+
+
+def _norms_to_freeze(model: Model) -> FrozenNorms:
+    adapter, modules = model.adapter, []
+    attn, mlp, attn_out = [], [], []
+
+    def add(module: torch.nn.Module) -> int:
+        if not is_norm(module):
+            raise BadInputError(f"the replacement model freezes RMS and layer norms; {type(module).__name__} is neither")
+        modules.append(module)
+        return len(modules) - 1
+
+    for layer in range(model.n_layers):
+        attn.append(add(model.layer_module(layer, adapter.attn_norm)))
+        mlp.append(add(model.layer_module(layer, adapter.mlp_norm)))
+        out = model.layer_module(layer, adapter.attn_out)
+        attn_out.append(add(out) if adapter.attn_out != adapter.attn and is_norm(out) else None)
+    return FrozenNorms(modules, attn, mlp, attn_out, add(model.module(adapter.final_norm)))
 
 
 @contextmanager
-def _frozen_scale(module: torch.nn.Module, scale: torch.Tensor | None = None, record: list | None = None):
-    """An RMS norm made linear: its scale 1/rms(x) fixed at `scale` (the clean run's, `[pos, 1]`). With `record`,
-    the norm runs as usual and its scale is appended there (how the clean run collects them)."""
-    gain = norm_gain(module)
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if eps is None:
-        raise BadInputError(f"freezing {type(module).__name__} is not supported; the replacement model needs RMS norms")
+def _frozen_scale(module: torch.nn.Module, scale: torch.Tensor | None = None, record: tuple | None = None):
+    """A norm made linear: its scale 1/rms(x) (1/std for a layer norm) fixed at `scale` (the clean run's, `[pos,
+    1]`). With `record` = (dict, key), the norm runs as usual and its scale is stored there (how the clean run
+    collects them)."""
+    parts = norm(module)
 
     def hook(mod, args, output):
         x = args[0]
         if record is not None:
-            record.append(torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)[0].detach())
+            record[0][record[1]] = parts.scale(x)[0].detach()
             return None
-        return (gain.to(x.device) * (x.float() * scale.to(x.device))).to(output.dtype)
+        return parts.frozen(x, scale).to(output.dtype)
 
     handle = module.register_forward_hook(hook)
     try:
@@ -236,25 +253,31 @@ def _frozen_scale(module: torch.nn.Module, scale: torch.Tensor | None = None, re
 
 
 @contextmanager
-def _replaced_mlp(module, rm: ReplacementModel, leaves: dict, layer: int, live: bool, clean: CleanRun):
-    """The MLP's output replaced by the dictionaries' write from the features so far plus its frozen error (a skip
-    transcoder's skip path live). `leaves["current"]` holds the features each layer used in this pass."""
+def _replaced_mlp(model: Model, rm: ReplacementModel, leaves: dict, layer: int, live: bool, clean: CleanRun):
+    """What the MLP adds to the residual stream replaced by the dictionaries' write from the features so far plus
+    its frozen error (a skip transcoder's skip path live): the MLP's input is read where it enters the MLP, the
+    replacement returned where its output joins the residual (after Gemma's post-MLP norm, Phi-3's and GPT-NeoX's
+    dropout). `leaves["current"]` holds the features each layer used in this pass."""
 
-    def hook(mod, args, output):
-        x = args[0]
-        leaves["mlp_in"][layer] = x
+    def read_input(mod, args):
+        leaves["mlp_in"][layer] = args[0]
+
+    def replace_output(mod, args, output):
+        x = leaves["mlp_in"][layer]
         f = leaves["features"][layer]
         if live:  # features recomputed from this pass's input, except where a value was set
             changed = f.detach() != clean.features[layer][None]
             f = torch.where(changed, f, rm.encode_layer(layer, x))
         leaves["current"][layer] = f
-        return rm.decode_layer(layer, leaves["current"], x) + leaves["errors"][layer]
+        return (rm.decode_layer(layer, leaves["current"], x) + leaves["errors"][layer]).to(output.dtype)
 
-    handle = module.register_forward_hook(hook)
+    handles = [model.layer_module(layer, model.adapter.mlp).register_forward_pre_hook(read_input),
+               model.layer_module(layer, model.adapter.mlp_out).register_forward_hook(replace_output)]  # fmt: skip
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 # --- feature interventions ------------------------------------------------------------------------------------------
