@@ -37,7 +37,7 @@ DEMO_OUT ?= demo-output
 demo: install
 	$(VENV)/bin/modelrecon run "$(DEMO_PROMPT)"
 	$(VENV)/bin/modelrecon capture --text "$(DEMO_PROMPT)" --sites 'layers.*.resid_post' --sites 'layers.*.mlp.out' \
-		--attention --dtype float32 --out $(DEMO_OUT)/capital.zarr
+		--attention --store-dtype float32 --out $(DEMO_OUT)/capital.zarr
 	$(VENV)/bin/modelrecon cube show $(DEMO_OUT)/capital.zarr --site resid_post --metric norm \
 		--html $(DEMO_OUT)/capital.html
 	$(VENV)/bin/modelrecon patch --clean "$(DEMO_PROMPT)" --corrupt "The capital of Italy is" --answer " Paris" \

@@ -153,7 +153,7 @@ def _capture_command(folder, prompts_file, out):
         "2",
         "--chunk-tokens",
         "32",
-        "--dtype",
+        "--store-dtype",
         "float32",
         "--attention",
     ]

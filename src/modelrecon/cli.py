@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from modelrecon.cli_common import ModelOption, load_model, stdout
+from modelrecon.cli_common import DeviceOption, DtypeOption, ModelOption, load_model, stdout
 from modelrecon.errors import BadInputError, ModelreconError
 from modelrecon.models.embedded import DEFAULT_MODEL, EMBEDDED
 
@@ -44,9 +44,10 @@ def models() -> None:
 
 
 @app.command()
-def sites(model: ModelOption = DEFAULT_MODEL, pattern: Annotated[str, typer.Argument()] = "*") -> None:
+def sites(model: ModelOption = DEFAULT_MODEL, pattern: Annotated[str, typer.Argument()] = "*",
+          device: DeviceOption = "auto", dtype: DtypeOption = "float32") -> None:  # fmt: skip
     """List a model's sites (optionally matching a glob pattern) with their shapes."""
-    loaded = load_model(model)
+    loaded = load_model(model, device, dtype)
     table = Table("site", "shape", "what it is")
     for info in loaded.sites():
         if info.name in loaded.resolve_sites(pattern):
@@ -58,6 +59,8 @@ def sites(model: ModelOption = DEFAULT_MODEL, pattern: Annotated[str, typer.Argu
 def run(
     prompt: Annotated[str, typer.Argument(help="the prompt text")],
     model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     top: Annotated[int, typer.Option("--top", "-k", min=1, help="how many next tokens to show")] = 5,
 ) -> None:
     """Run a prompt and print the top-K next tokens with probabilities."""
@@ -65,7 +68,7 @@ def run(
     from modelrecon.models.model import check_prompt
 
     check_prompt(prompt)  # before the model loads: a bad prompt should fail fast
-    loaded = load_model(model)
+    loaded = load_model(model, device, dtype)
     result = run_prompts(loaded, prompt)
     table = Table("rank", "token", "probability", title=f"{loaded.name}: next token after {prompt!r}")
     for rank, (token, prob) in enumerate(result.top_next_tokens(min(top, loaded.vocab_size)), start=1):
@@ -81,12 +84,14 @@ def _split_patterns(values: list[str]) -> list[str]:
 def capture(
     out: Annotated[Path, typer.Option("--out", "-o", help="the cube folder to write (e.g. run.zarr)")],
     model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     text: Annotated[list[str] | None, typer.Option("--text", help="a prompt (repeatable)")] = None,
     prompts: Annotated[
         Path | None, typer.Option("--prompts", help=".txt (a prompt per line), .jsonl or .parquet")
     ] = None,
     sites: Annotated[list[str], typer.Option("--sites", help="site names or globs (repeatable)")] = None,
-    dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
+    store_dtype: Annotated[str, typer.Option(help="the cube's values: float16 or float32")] = "float16",
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="stop after this many tokens")] = None,
     context_length: Annotated[int | None, typer.Option(min=1, help="truncate each prompt to this many tokens")] = None,
@@ -100,14 +105,14 @@ def capture(
     if (text is None) == (prompts is None):
         raise BadInputError("give either --text TEXT (repeatable) or --prompts FILE")
     prompt_list = list(text) if text else read_prompts(prompts)
-    loaded = load_model(model)
+    loaded = load_model(model, device, dtype)
     try:
         cube = capture_cube(
             loaded,
             prompt_list,
             out,
             sites=_split_patterns(sites or ["layers.*.resid_post"]),
-            dtype=dtype,
+            dtype=store_dtype,
             batch_size=batch_size,
             max_tokens=max_tokens,
             context_length=context_length,
@@ -246,6 +251,8 @@ def patch(
     sweep: SweepOption,
     json_out: Annotated[Path, typer.Option("--json", help="the JSON result file to write")],
     model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     pairs: PairsOption = None,
     clean: CleanOption = None,
     corrupt: CorruptOption = None,
@@ -277,7 +284,7 @@ def patch(
     if path_to and sweep not in ("heads", "mlp"):
         raise BadInputError(f"--path-to needs --sweep heads or --sweep mlp (the senders), not --sweep {sweep}")
     pair_list = _pair_list(pairs, clean, corrupt, answer, wrong)
-    loaded = load_model(model)
+    loaded = load_model(model, device, dtype)
     options = dict(direction=direction, metric=metric, batch_size=batch_size, seed=seed, progress=True)
     if path_to:
         result = path_patch(loaded, pair_list, list(path_to), senders=sweep, **options)
@@ -310,6 +317,8 @@ def experiment(
     components: Annotated[Path, typer.Option("--components", help='JSON file: {"name": [intervention, ...], ...}')],
     json_out: Annotated[Path, typer.Option("--json", help="the JSON result file to write")],
     model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     base: Annotated[str, typer.Option(help="the input the interventions apply to: clean or counterfactual")] = "clean",
     metric: Annotated[str, typer.Option(help="logit_diff, prob, logprob, rank, top1 or kl")] = "logit_diff",
     batch_size: Annotated[int, typer.Option(min=1, help="pairs per forward pass")] = 16,
@@ -325,7 +334,7 @@ def experiment(
         raise BadInputError(f"components file {components} does not exist; give a JSON file of named interventions")
     parsed = components_from_json(components.read_text(encoding="utf-8"))
     pair_list = read_pairs(pairs)
-    loaded = load_model(model)
+    loaded = load_model(model, device, dtype)
     result = run_experiment(
         loaded, pair_list, parsed, metric=metric, base=base, batch_size=batch_size, seed=seed, progress=True
     )
@@ -352,6 +361,8 @@ def experiment(
 def lens(
     prompt: Annotated[str, typer.Argument(help="the prompt text")],
     model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     target: Annotated[str | None, typer.Option(help="a token to follow across layers, e.g. ' Paris'")] = None,
     top: Annotated[int, typer.Option("--top", "-k", min=1, help="tokens per cell")] = 5,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the lens as JSON")] = None,
@@ -364,7 +375,7 @@ def lens(
     from modelrecon.models.model import check_prompt
 
     check_prompt(prompt)
-    loaded = load_model(model)
+    loaded = load_model(model, device, dtype)
     result = logit_lens(loaded, prompt, k=top, target=target)
     columns = ["layer", "top at last position", "p"] + (["target p", "target rank"] if target else [])
     table = Table(*columns, title=f"{loaded.name}: logit lens on {prompt!r}")
@@ -391,6 +402,8 @@ def attribute(
     json_out: Annotated[Path, typer.Option("--json", help="the JSON result file to write")],
     prompt: Annotated[str | None, typer.Argument(help="the prompt (dla, grad-x-act, ig)")] = None,
     model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     answer: AnswerOption = None,
     wrong: WrongOption = None,
     site: Annotated[str, typer.Option(help="the site for grad-x-act and ig (embed = the input embeddings)")] = "embed",
@@ -418,13 +431,13 @@ def attribute(
     if method in PROMPT_METHODS:
         if prompt is None or answer is None:
             raise BadInputError(f"--method {method} needs a PROMPT argument and --answer (and optionally --wrong)")
-        loaded = load_model(model)
+        loaded = load_model(model, device, dtype)
         text = _prompt_attribution(loaded, method, prompt, answer, wrong, site, baseline, steps, neurons)
     else:
         if prompt is not None:
             raise BadInputError(f"--method {method} works on pairs: give --pairs or --clean/--corrupt/--answer/--wrong")
         pair_list = _pair_list(pairs, clean, corrupt, answer, wrong)
-        loaded = load_model(model)
+        loaded = load_model(model, device, dtype)
         text = _pair_attribution(loaded, method, pair_list, sweep, direction, steps, level)
     stdout.print(f"wrote {write_text_atomic(json_out, text)}", markup=False)
 
@@ -481,6 +494,8 @@ def verify(
     sweep: SweepOption,
     json_out: Annotated[Path, typer.Option("--json", help="the JSON report to write")],
     model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     method: Annotated[str, typer.Option(help="the estimate to check: atp, atp-ig, atp-gd or atpstar")] = "atp",
     pairs: PairsOption = None,
     clean: CleanOption = None,
@@ -503,7 +518,7 @@ def verify(
     if method not in METHODS:
         raise BadInputError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
     pair_list = _pair_list(pairs, clean, corrupt, answer, wrong)
-    loaded = load_model(model)
+    loaded = load_model(model, device, dtype)
     estimate = attribution_patching(
         loaded, pair_list, sweep, method=method, direction=direction, steps=steps, progress=True
     )
@@ -549,6 +564,8 @@ def train_command(
     activation: Annotated[str, typer.Option(help="topk, batchtopk, jumprelu or relu")] = "topk",
     tokens: Annotated[int, typer.Option(min=1, help="training tokens")] = 1_000_000,
     model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     cube: Annotated[Path | None, typer.Option(help="train from this cube's stored activations")] = None,
     corpus: Annotated[
         str, typer.Option(help="or stream the model on this text (.txt/.jsonl/.parquet, a corpus folder, or 'sample')")
@@ -578,7 +595,7 @@ def train_command(
         raise BadInputError("give --cube or --corpus, not both")
     options = TrainOptions(tokens=tokens, batch_size=batch_size, lr=lr, l1=l1, l0=l0, seed=seed,
                            checkpoint_every=checkpoint_every, bf16=bf16, reuse=reuse)  # fmt: skip
-    loaded = load_model(model)
+    loaded = load_model(model, device, dtype)
     cube_obj = None
     if cube is not None:
         from modelrecon.cube.reader import Cube
@@ -597,6 +614,8 @@ def train_command(
 @app.command("transcoders")
 def transcoders_command(
     model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     quality: Annotated[
         str, typer.Option(help="demo (a few minutes on two cores) or standard (up to an hour; resumable, cached)")
     ] = "demo",
@@ -604,7 +623,7 @@ def transcoders_command(
     """Build (once) or locate the embedded model's transcoders of a quality tier; a killed build resumes."""
     from modelrecon.dictionaries.defaults import check_tier, default_transcoders, default_transcoders_folder
 
-    loaded = load_model(model)
+    loaded = load_model(model, device, dtype)
     check_tier(loaded, quality)  # a bad tier or model fails before anything is built
     dictionaries = default_transcoders(loaded, quality)
     stdout.print(f"{len(dictionaries)} {quality} transcoders of {loaded.name}: "
@@ -616,6 +635,8 @@ def trace(
     prompt: Annotated[str, typer.Argument(help="the prompt to trace")],
     out: Annotated[Path, typer.Option("--out", "-o", help="the folder to write graph.json into")],
     model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     transcoders: Annotated[
         str, typer.Option(help="a transcoder folder (modelrecon or circuit-tracer), a tier (demo, standard) or default")
     ] = "default",
@@ -654,7 +675,7 @@ def trace(
         raise BadInputError(f"--level must be auto, features or components, not {level!r}")
     if explain and cube is None:
         raise BadInputError("--explain needs --cube CUBE (the text the features' examples come from)")
-    loaded = load_model(model)
+    loaded = load_model(model, device, dtype)
     if level == "auto":
         has_transcoders = transcoders != "default" or default_transcoders_folder(loaded) is not None
         level = "features" if has_transcoders else "components"

@@ -11,9 +11,13 @@ from rich.console import Console
 stdout = Console(soft_wrap=True)
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="embedded name, local folder, .gguf file or hub id")]
+DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, mps or auto (a GPU when present)")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="the model's weights: float32, bfloat16 or float16")]
 
 
-def load_model(name: str):
-    from modelrecon.models.loading import load
+def load_model(name: str, device: str = "auto", dtype: str = "float32"):
+    """The model a command runs, on its device and in its dtype (checked before any weights are read)."""
+    from modelrecon.models.loading import load, resolve_device, resolve_dtype
 
-    return load(name)
+    resolve_device(device), resolve_dtype(dtype)
+    return load(name, device=device, dtype=dtype)

@@ -82,6 +82,7 @@ class NodeIndex:
 
         active, grid = [], []
         for layer, acts in enumerate(clean.features):
+            acts = acts.cpu()  # node numbering is bookkeeping: on the host, once per prompt
             mask = acts > 0
             positions, latents = mask.nonzero(as_tuple=True)
             mask[0] = False  # position 0 (BOS, an attention sink) is held constant: no node

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from modelrecon.cli_common import ModelOption, load_model, stdout
+from modelrecon.cli_common import DeviceOption, DtypeOption, ModelOption, load_model, stdout
 from modelrecon.models.embedded import DEFAULT_MODEL
 
 
@@ -28,6 +28,8 @@ def graph_eval(
         Path | None, typer.Option(help="a JSONL file of {prompt, answer, kind?, subject?} (default: the shipped set)")
     ] = None,  # fmt: skip
     model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     max_features: Annotated[int, typer.Option("--max-features", min=1, help="feature rows per graph")] = 1000,
     check_features: Annotated[int, typer.Option(min=1, help="features ablated by each causal check")] = 10,
     limit: Annotated[int | None, typer.Option(min=1, help="only the first N prompts")] = None,
@@ -40,7 +42,7 @@ def graph_eval(
     from modelrecon.files import write_text_atomic
 
     chosen = read_prompts(prompts)[:limit]
-    loaded = load_model(model)
+    loaded = load_model(model, device, dtype)
     rm = ReplacementModel(loaded, transcoders_by_name(loaded, transcoders))
     report = evaluate_graphs(loaded, rm, chosen, transcoders, max_feature_nodes=max_features,
                              check_features=check_features)  # fmt: skip

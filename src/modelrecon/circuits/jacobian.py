@@ -60,12 +60,13 @@ class Jacobian:
         self.heads, self.kv_heads, self.d_head = model.n_heads, model.n_kv_heads, model.d_head
         # Per layer and position, the sources a layer's MLP output feeds: its active features (padded to a common
         # count k) and, last, its error node, which enters as one more decoder row (the error vector, value 1).
+        self.device = device = clean.embed.device  # everything below lives on the model's device
         self.slots, self.values = [], []  # [pos, k + 1]: rows of the layer's extended decoder, and their values
         for f in clean.features:
             latents, valid = active_per_position(f)
             pos, width = f.shape
-            self.slots.append(torch.cat([latents, width + torch.arange(pos)[:, None]], 1))
-            self.values.append(torch.cat([f.float().gather(-1, latents) * valid, torch.ones(pos, 1)], 1))
+            self.slots.append(torch.cat([latents, width + torch.arange(pos, device=device)[:, None]], 1))
+            self.values.append(torch.cat([f.float().gather(-1, latents) * valid, torch.ones(pos, 1, device=device)], 1))
         frozen, scales = rm.norms, [s.float() for s in clean.norm_scales]
         self.layers = []
         for layer in range(rm.n_layers):
@@ -126,7 +127,7 @@ class Jacobian:
         order = sorted(range(len(targets)), key=lambda r: -start[r])
         targets, start = [targets[r] for r in order], [start[r] for r in order]
         n = 1 + max(last if t.kind == "logit" else t.position for t in targets)
-        g = torch.zeros(len(targets), n, self.embed.shape[-1])
+        g = torch.zeros(len(targets), n, self.embed.shape[-1], device=self.device)
         for row, t in enumerate(targets):
             if t.kind == "logit":
                 other = self.mean_unembed if t.wrong is None else self.unembed[t.wrong]
@@ -152,10 +153,11 @@ class Jacobian:
             else:
                 mlp_in = out @ p.skip
             if here > above:  # seeds: a feature target's encoder direction at its position
-                rows = range(above, here)
-                positions = torch.tensor([targets[r].position for r in rows])
-                encoders = rm.encoder_vector(layer, torch.tensor([targets[r].feature for r in rows])).T.float()
-                mlp_in.index_put_((torch.tensor(rows), positions), encoders, accumulate=True)
+                rows = torch.arange(above, here, device=self.device)
+                positions = torch.tensor([targets[r].position for r in range(above, here)], device=self.device)
+                latents = torch.tensor([targets[r].feature for r in range(above, here)], device=self.device)
+                encoders = rm.encoder_vector(layer, latents).T.float()
+                mlp_in.index_put_((rows, positions), encoders, accumulate=True)
             # Sequential: the MLP reads resid_mid, so its gradient joins the residual before attention's transpose.
             # Parallel: attention and MLP both read the layer's input; attention sees only resid_post's gradient.
             attention = self._attention_transposed(g[:above], p, n) if self.parallel else None
@@ -166,7 +168,8 @@ class Jacobian:
                 g[:above] += attention
         effects[:, :n] = _dot(g, self.embed[:n])
         row, column = ((effects != 0) & (nodes >= 0)).nonzero(as_tuple=True)
-        return torch.tensor(order)[row], nodes[column], effects[row, column]
+        weights, sources = effects[row, column].cpu(), nodes[column].cpu()  # the graph's bookkeeping is on the host
+        return torch.tensor(order)[row.cpu()], sources, weights
 
     def _columns(self, n: int, index) -> tuple[dict, torch.Tensor]:
         """The sources of a batch over positions 0..n-1, side by side: the embeddings `[n]` first, then per layer
@@ -177,7 +180,7 @@ class Jacobian:
                 columns[i] = width
                 nodes.append(torch.cat([index.grid[i][:n], index.errors[i][:n, None]], 1).reshape(-1))
                 width += nodes[-1].numel()
-            self._layouts[n] = columns, torch.cat(nodes)
+            self._layouts[n] = columns, torch.cat(nodes).to(self.device)
         return self._layouts[n]
 
     def _attention_transposed(self, g: torch.Tensor, p: _Layer, n: int) -> torch.Tensor:
@@ -220,21 +223,22 @@ def check_edges(rm: ReplacementModel, clean: CleanRun, index, edges, targets: li
     generator = torch.Generator().manual_seed(seed)
     factor = torch.rand(len(index.keys), generator=generator, dtype=torch.float64) * 2 - 1
     factor = torch.cat([factor, torch.zeros(1, dtype=torch.float64)])  # node -1 (position 0): not moved
+    device = clean.embed.device
 
     def moved(value: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-        return value * (1 + factor[nodes].to(value.dtype)).unsqueeze(-1)
+        return value * (1 + factor[nodes].to(device=device, dtype=value.dtype)).unsqueeze(-1)
 
     features = []
     for layer, (positions, latents, nodes) in enumerate(index.active):
         f = clean.features[layer].clone()
-        f[positions, latents] *= 1 + factor[nodes].to(f.dtype)
+        f[positions.to(device), latents.to(device)] *= 1 + factor[nodes].to(device=device, dtype=f.dtype)
         features.append(torch.stack([clean.features[layer], f]))
     with rm.linearised(clean, 2, features) as leaves:
         leaves["embed"][1] = moved(clean.embed, index.embeddings)
         for layer, nodes in enumerate(index.errors):
             leaves["errors"][layer][1] = moved(clean.errors[layer], nodes)
-        logits = rm.target_logits(rm.model.batch_from_ids([clean.ids] * 2)).double()
-        mlp_in = [x.double() for x in leaves["mlp_in"]]
+        logits = rm.target_logits(rm.model.batch_from_ids([clean.ids] * 2)).double().cpu()
+        mlp_in = [x.double().cpu() for x in leaves["mlp_in"]]
     change = torch.zeros(len(targets), dtype=torch.float64)
     logit_rows = [i for i, t in enumerate(targets) if t.kind == "logit"]
     for i in logit_rows:
@@ -248,7 +252,8 @@ def check_edges(rm: ReplacementModel, clean: CleanRun, index, edges, targets: li
             by_layer.setdefault(t.layer, []).append(i)
     for layer, rows in by_layer.items():  # the pre-activations' change: the MLP input's change . encoder
         positions = torch.tensor([targets[i].position for i in rows])
-        encoders = rm.encoder_vector(layer, torch.tensor([targets[i].feature for i in rows])).double()  # [d, m]
+        latents = torch.tensor([targets[i].feature for i in rows], device=device)
+        encoders = rm.encoder_vector(layer, latents).double().cpu()  # [d, m]
         moved_in = mlp_in[layer][1, positions] - mlp_in[layer][0, positions]  # [m, d]
         change[rows] = (moved_in * encoders.T).sum(-1)
     into, sources, weights = edges

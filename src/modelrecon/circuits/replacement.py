@@ -46,11 +46,12 @@ def _one_layer(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
 
 
 def encode(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
-    return d.encode(_one_layer(d, x)).squeeze(-2)
+    """Feature activations in the dictionary's precision (float32 also for a bf16 model)."""
+    return d.encode(_one_layer(d, x.to(d.b_enc.dtype))).squeeze(-2)
 
 
 def decode(d: Dictionary, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return d.decode(_one_layer(d, f), _one_layer(d, x)).squeeze(-2)
+    return d.decode(_one_layer(d, f.to(d.b_enc.dtype)), _one_layer(d, x.to(d.b_enc.dtype))).squeeze(-2)
 
 
 class ReplacementModel:
@@ -62,7 +63,8 @@ class ReplacementModel:
         self.norms = _norms_to_freeze(model)
         self.clt: Dictionary | None = None
         self.transcoders: list[Dictionary] = []
-        folded = [d.fold_normalisation() for d in transcoders]  # raw activations in and out
+        # raw activations in and out, on the model's device, in float32 whatever the model's dtype (exact edges)
+        folded = [d.fold_normalisation().to(device=model.device, dtype=torch.float32) for d in transcoders]
         if len(folded) == 1 and folded[0].config.kind == "clt":
             self.clt = folded[0]
             expected = tuple(site_name("mlp.in", i) for i in range(model.n_layers))
@@ -111,15 +113,16 @@ class ReplacementModel:
         if self.clt is None:
             return encode(self.transcoders[layer], x)
         c = self.clt  # the dictionary's own activation, on this layer's slot (the other slots stay 0)
-        pre = torch.zeros(*x.shape[:-1], c.config.n_layers, c.config.width, dtype=x.dtype)
-        pre[..., layer, :] = x @ c.W_enc[layer] + c.b_enc[layer]
+        pre = torch.zeros(*x.shape[:-1], c.config.n_layers, c.config.width, dtype=c.b_enc.dtype, device=x.device)
+        pre[..., layer, :] = x.to(c.b_enc.dtype) @ c.W_enc[layer] + c.b_enc[layer]
         return c.activate(pre)[..., layer, :]
 
     def decode_layer(self, layer: int, features: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """What the dictionaries write to layer `layer`'s MLP output, from the features of layers <= `layer`."""
         if self.clt is not None:
             c = self.clt
-            return c.b_dec[layer] + sum(features[i] @ c.W_dec[i][:, layer - i] for i in range(layer + 1))
+            return c.b_dec[layer] + sum(features[i].to(c.b_dec.dtype) @ c.W_dec[i][:, layer - i]
+                                        for i in range(layer + 1))  # fmt: skip
         return decode(self.transcoders[layer], features[layer], x)
 
     @property
@@ -219,7 +222,9 @@ def _norms_to_freeze(model: Model) -> FrozenNorms:
 
     def add(module: torch.nn.Module) -> int:
         if not is_norm(module):
-            raise BadInputError(f"the replacement model freezes RMS and layer norms; {type(module).__name__} is neither")
+            raise BadInputError(
+                f"the replacement model freezes RMS and layer norms; {type(module).__name__} is neither"
+            )
         modules.append(module)
         return len(modules) - 1
 

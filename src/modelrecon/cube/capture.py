@@ -386,7 +386,10 @@ def _stream(model: Model, plan: _Plan, path: Path, show_progress: bool) -> None:
             for start in range(first_batch * batch_size, len(plan.token_ids), batch_size):
                 prompt_ids = list(range(start, min(start + batch_size, len(plan.token_ids))))
                 batch = model.batch_from_ids([plan.token_ids[i] for i in prompt_ids], plan.settings["padding_side"])
-                with torch.inference_mode(), hooked(model, batch, record=record, dtype=torch.float32) as trace:
+                with (
+                    torch.inference_mode(),
+                    hooked(model, batch, record=record, dtype=torch.float32, device="cpu") as trace,
+                ):
                     model.forward(batch, logits=need_logits)
                     for j, prompt in enumerate(prompt_ids):
                         skip = max(0, written - int(offsets[prompt]))  # tokens already on disk (resumed batch)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from modelrecon.cli_common import ModelOption, load_model, stdout
+from modelrecon.cli_common import DeviceOption, DtypeOption, ModelOption, load_model, stdout
 from modelrecon.models.embedded import DEFAULT_MODEL
 
 
@@ -29,6 +29,8 @@ def eval_dict(
         list[Path], typer.Option("--dict", help="a dictionary folder (repeatable: evaluated together)")
     ],
     model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     corpus: Annotated[
         str, typer.Option("--corpus", help="a .txt, .jsonl or .parquet file, a corpus folder, or 'sample'")
     ] = "sample",
@@ -56,7 +58,7 @@ def eval_dict(
         raise BadInputError(f"unknown --splice {splice!r}; use one of {', '.join(SPLICES)}")
     texts = read_texts(corpus)  # before the model loads: a bad corpus path should fail fast
     dictionaries = _load_dictionaries(dictionary)
-    loaded = load_model(model)
+    loaded = load_model(model, device, dtype)
     report = evaluate(
         loaded,
         dictionaries,

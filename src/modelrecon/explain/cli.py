@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from modelrecon.cli_common import ModelOption, load_model, stdout
+from modelrecon.cli_common import DeviceOption, DtypeOption, ModelOption, load_model, stdout
 from modelrecon.errors import BadInputError
 from modelrecon.models.embedded import DEFAULT_MODEL
 
@@ -70,6 +70,8 @@ def explain(
     timeout: Annotated[float, typer.Option(min=0.1, help="seconds per LLM request")] = 60.0,
     concurrency: Annotated[int, typer.Option(min=1, help="LLM requests in flight (endpoints)")] = 4,
     model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Explain features in words and score each explanation (detection, fuzzing, simulation, and causally by
     steering), each against another feature's explanation as its control."""
@@ -84,7 +86,7 @@ def explain(
         raise BadInputError("name the features to explain with --features L/F,... or --graph graph.json (one of them)")
     chosen = parse_features(features) if features else graph_feature_nodes(graph, top)
     scorer_list = check_scorers(scorers.split(","))
-    loaded = load_model(model)
+    loaded = load_model(model, device, dtype)
     opened = Cube(cube)
     check_cube(opened, loaded.name)
     rm = ReplacementModel(loaded, transcoders_by_name(loaded, dictionary))

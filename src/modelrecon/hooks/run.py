@@ -46,7 +46,7 @@ def run(
     grad_of: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
     positions: int | Sequence[int] | None = None,
     dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     padding_side: str = "right",
     last_only: bool = False,
 ) -> RunResult:

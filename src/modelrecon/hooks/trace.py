@@ -64,7 +64,7 @@ class _SiteHooks:
     def __init__(self, model, batch, record, edit, grad, positions, dtype, device):
         self.model, self.batch = model, batch
         self.record, self.edit, self.grad = set(record), edit, set(grad)
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device = dtype, model.device if device is None else device
         self.positions = [_positions_index(positions, n) for n in batch.lengths]
         self.trace = Trace({s: [] for s in record}, {s: [] for s in grad})
 
@@ -207,11 +207,12 @@ def hooked(
     grad: Sequence[str] = (),
     positions: int | Sequence[int] | None = None,
     dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> Iterator[Trace]:
     """Attach hooks for the given sites (names or globs) around forward passes of `model.hf` on `batch`.
 
-    record: sites whose values are kept (after edits), one tensor per prompt, cast to `dtype` and moved to `device`.
+    record: sites whose values are kept (after edits), one tensor per prompt, cast to `dtype` and moved to `device`
+    (default: the model's own, so nothing crosses to the host unless asked).
     edit: site -> function(value, HookContext) returning the new value or None.
     grad: sites whose gradients are kept when a backward pass runs inside the context.
     positions: keep only these token positions of each prompt (negative counts from the end).

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from modelrecon.errors import (
+    BadInputError,
     BadModelFileError,
     ModelNotInstalledError,
     OfflineError,
@@ -49,14 +50,60 @@ def sha256_of(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`cpu`, `cuda`, `cuda:N`, `mps` or `auto` (CUDA, else MPS, else the CPU), checked against what this machine
+    has: a device that is not here is a one-line error, never a crash deep inside a forward pass."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    name = str(device).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise BadInputError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInputError(f"--device {device}: no CUDA device on this machine (torch {torch.__version__}, "
+                                f"{torch.version.cuda or 'a CPU-only build'}); use --device cpu or auto")  # fmt: skip
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise BadInputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")  # fmt: skip
+    elif resolved.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise BadInputError(f"--device {device}: no Apple MPS device here; use --device cpu or auto")
+    elif resolved.type != "cpu":
+        raise BadInputError(f"unsupported device {device!r}; use cpu, cuda, cuda:N, mps or auto")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise BadInputError(f"unsupported dtype {dtype}; use one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise BadInputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def load(
     name_or_path: str | os.PathLike,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ) -> Model:
-    """Load a model by embedded name (`smollm2-135m`, `gemma3-270m`), local folder, `.gguf` file or hub id."""
+    """Load a model by embedded name (`smollm2-135m`, `gemma3-270m`), local folder, `.gguf` file or hub id, in
+    `dtype` (float32, bfloat16, float16) on `device` (cpu, cuda, cuda:N, mps, auto)."""
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     key = str(name_or_path)
     if key in EMBEDDED:
         embedded = EMBEDDED[key]
