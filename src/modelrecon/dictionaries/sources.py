@@ -144,7 +144,7 @@ class StreamSource:
     def _tokens_by_layer(acts: dict[str, list[torch.Tensor]], sites: list[str]) -> torch.Tensor:
         """`[tokens, layer, d]` from per-prompt recordings, each prompt's first token left out."""
         prompts = acts[sites[0]]
-        out = torch.empty(sum(len(p) - 1 for p in prompts), len(sites), prompts[0].shape[-1])
+        out = torch.empty(sum(len(p) - 1 for p in prompts), len(sites), prompts[0].shape[-1], device=prompts[0].device)
         for j, site in enumerate(sites):
             start = 0
             for prompt in acts[site]:
@@ -207,6 +207,9 @@ class StreamSource:
             self.windows_used += 1
         self.generator.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
         self.served = meta["served"]
-        self.buffer = (tensors["buffer_x"], tensors["buffer_y"]) if "buffer_x" in tensors else None
+        device = self.model.device  # the buffer lives with the model (a checkpoint is read to the host)
+        self.buffer = (
+            (tensors["buffer_x"].to(device), tensors["buffer_y"].to(device)) if "buffer_x" in tensors else None
+        )
         self.order = tensors.get("order")
         self.carry = (tensors["carry_x"], tensors["carry_y"]) if "carry_x" in tensors else None

@@ -130,15 +130,18 @@ def train(
     options: TrainOptions,
     checkpoint: str | Path | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> list[Dictionary]:
     """Train one dictionary per config on `source`'s batches (`source` yields `x [B, layers, d_in]`, `y [B, layers,
-    d_out]`, the configs' layers in order). With `checkpoint` (a folder), the state is saved there every
-    `options.checkpoint_every` steps and at the end, and a run resumes from it when it exists."""
+    d_out]`, the configs' layers in order) on `device` (where the source's batches are moved, a no-op when they are
+    made there). With `checkpoint` (a folder), the state is saved there every `options.checkpoint_every` steps and
+    at the end, and a run resumes from it when it exists."""
     from modelrecon.memory import keep_freed_memory
 
     keep_freed_memory()  # large per-step temporaries stay in the heap instead of faulting in fresh pages
     torch.manual_seed(options.seed)
-    dictionaries = [Dictionary(c) for c in configs]
+    device = torch.device(device)
+    dictionaries = [Dictionary(c).to(device) for c in configs]
     stacked = len(dictionaries) > 1 and _stackable(configs)
     if stacked:  # one set of batched products over every layer instead of a loop over layers
         dictionaries = [Dictionary.stack(dictionaries)]
@@ -150,14 +153,14 @@ def train(
         optimiser,
         lambda s: 1.0 if s < decay_start else max(0.0, (options.steps - s) / max(1, options.steps - decay_start)),
     )
-    state = TrainState(0, [torch.zeros(d.config.n_layers, d.config.width) for d in dictionaries],
-                       [torch.zeros(d.config.n_layers) for d in dictionaries], {})  # fmt: skip
+    state = TrainState(0, [torch.zeros(d.config.n_layers, d.config.width, device=device) for d in dictionaries],
+                       [torch.zeros(d.config.n_layers, device=device) for d in dictionaries], {})  # fmt: skip
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     first = None
     if checkpoint is not None and (checkpoint / "state.json").exists():
-        _restore(checkpoint, dictionaries, optimiser, schedule, state, source)
+        _restore(checkpoint, dictionaries, optimiser, schedule, state, source, device)
     else:
-        first = next(source)
+        first = tuple(t.to(device) for t in next(source))
         for d, rows in zip(dictionaries, slices, strict=True):
             d.initialise(first[0][:, rows], first[1][:, rows], seed=options.seed)
     dead_after = options.dead_after()
@@ -166,7 +169,7 @@ def train(
                          label="train", unit="tokens", rate_unit="tok")  # fmt: skip
     with fast, bar as advance:
         while state.step < options.steps:
-            x, y = first if first is not None else next(source)
+            x, y = first if first is not None else (t.to(device, non_blocking=True) for t in next(source))
             first = None
             optimiser.zero_grad()
             total, figures = 0.0, []
@@ -242,10 +245,10 @@ def _save(folder: Path, dictionaries, optimiser, schedule, state: TrainState, so
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _restore(folder: Path, dictionaries, optimiser, schedule, state: TrainState, source) -> None:
+def _restore(folder: Path, dictionaries, optimiser, schedule, state: TrainState, source, device) -> None:
     try:
         meta = json.loads((folder / "state.json").read_text())
-        tensors = load_file(str(folder / "state.safetensors"))
+        tensors = load_file(str(folder / "state.safetensors"), device=str(device))
     except (OSError, ValueError) as exc:
         raise BadInputError(f"cannot resume from {folder}: {exc}; delete that folder to start over") from exc
     for i, d in enumerate(dictionaries):
@@ -325,4 +328,4 @@ def train_on_model(
 
         source = StreamSource(model, windows, inputs, outputs, options.batch_size, seed=options.seed,
                               buffer_bytes=buffer_bytes, reuse=options.reuse)  # fmt: skip
-    return train(source, configs, options, checkpoint=checkpoint, progress=progress)
+    return train(source, configs, options, checkpoint=checkpoint, progress=progress, device=model.device)
