@@ -240,3 +240,51 @@ def test_graph_paths_predict_what_removing_a_feature_does_when_features_respond(
         assert measured == pytest.approx(predicted, rel=2e-2, abs=2e-3), node
         has_paths += abs(predicted - (-graph.edge(node.id, graph.nodes[logit].id))) > 1e-3  # not only direct
     assert has_paths  # some of them act through later features too
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_neox"])
+def test_long_prompt_mode_recomputes_the_patterns_and_gets_the_same_edges(family):
+    """Past a memory budget the attribution pass keeps no [layers, heads, pos, pos] patterns: it recomputes blocks
+    of rows from the frozen queries and keys (sliding windows and soft-capping included). Same edges."""
+    from modelrecon.circuits.attribute import NodeIndex
+    from modelrecon.circuits.jacobian import Jacobian, Target
+
+    model = tiny_model(family, seed=2)
+    rm = ReplacementModel(model, _transcoders(model, seed=2))
+    clean = rm.clean(model.encode(PROMPT * 2))
+    frozen = clean.patterns[1]
+    assert frozen.nbytes() < frozen.pattern().numel() * 4  # what is kept grows with pos, not pos^2
+    token = int(clean.logits.argmax())
+    index = NodeIndex.build(clean, [token])
+    targets = [Target("logit", token=token)] + [Target("feature", layer=k[1], position=k[2], feature=k[3])
+                                                for k in index.keys if k[0] == "feature" and k[1] == 2][:8]  # fmt: skip
+    kept = Jacobian(rm, clean).effects(targets, index)
+    recomputed = Jacobian(rm, clean, pattern_bytes=0).effects(targets, index)
+    assert all(rm_layer.pattern is None for rm_layer in Jacobian(rm, clean, pattern_bytes=0).layers)
+    assert torch.equal(kept[0], recomputed[0]) and torch.equal(kept[1], recomputed[1])
+    assert (kept[2] - recomputed[2]).abs().max() < 1e-5 * kept[2].abs().max()
+
+
+def test_attribution_that_will_not_fit_is_refused_before_it_starts(monkeypatch, capsys, tmp_path, tiny_llama_folder):
+    """The estimate is made from the clean run, before any row: on a machine with too little free memory the trace
+    stops with one line that names the part that does not fit and the flag that bounds it."""
+    import modelrecon.memory as memory
+    from modelrecon.circuits.attribute import estimate_memory
+
+    model = tiny_model("llama")
+    rm = ReplacementModel(model, _transcoders(model))
+    clean = rm.clean(model.encode(PROMPT))
+    small, large = estimate_memory(rm, clean, 10, 32), estimate_memory(rm, clean, 1000, 32)
+    assert large["edges"] == pytest.approx(100 * small["edges"], rel=0.01) and large["pass"] == small["pass"]
+    fits = estimate_memory(rm, clean, 40, 32)  # 10 features and at most 10 logits, with room to spare
+    monkeypatch.setattr(memory, "available_bytes", lambda device: sum(fits.values()))
+    attribute(model, PROMPT, rm, max_feature_nodes=10, progress=False)  # fits: runs
+    with pytest.raises(BadInputError, match="lower --max-features"):
+        attribute(model, PROMPT, rm, max_feature_nodes=1000, progress=False)
+    from modelrecon.dictionaries.formats import save_dictionaries
+
+    save_dictionaries(_transcoders(model), tmp_path / "tc")
+    code, _, err = cli(capsys, "trace", PROMPT, "--model", tiny_llama_folder, "--transcoders", tmp_path / "tc",
+                       "--out", tmp_path / "g")  # fmt: skip
+    assert_one_line_error(code, err, "GiB free", "lower --max-features")
+    assert not (tmp_path / "g").exists()

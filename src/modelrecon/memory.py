@@ -32,3 +32,23 @@ def keep_freed_memory() -> bool:
     _done = all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, 2**30), (_M_TRIM_THRESHOLD, 2**30),
                                                 (_M_TOP_PAD, 64 * 2**20)))  # fmt: skip
     return _done
+
+
+def available_bytes(device) -> int | None:
+    """Memory free for new tensors on `device`: CUDA's free memory, or the host's MemAvailable (None where it
+    cannot be read)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

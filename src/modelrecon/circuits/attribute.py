@@ -129,11 +129,13 @@ def attribute(
     start = time.perf_counter()
     rm = transcoders if isinstance(transcoders, ReplacementModel) else ReplacementModel(model, transcoders)
     ids = model.encode(prompt)
-    clean = rm.clean(ids)
+    clean = rm.clean(ids)  # O(pos) memory: what the rest needs is estimated from it before any row is computed
     logits = logit_targets(model, clean, target, max_logits, cumulative)
     wrong_id = None if wrong is None else single_token(model, wrong)
     index = NodeIndex.build(clean, [t for t, _ in logits])
     features = [i for i, key in enumerate(index.keys) if key[0] == "feature"]
+    check_memory(estimate_memory(rm, clean, min(max_feature_nodes, len(features)) + len(logits), batch_size),
+                 model.device, len(ids))  # fmt: skip
     logit_weights = torch.zeros(len(index.keys), dtype=torch.float64)
     for token, probability in logits:
         logit_weights[index.logit(token)] = probability
@@ -216,6 +218,43 @@ def attribute(
         "seconds": time.perf_counter() - start,
     }
     return graph
+
+
+def estimate_memory(rm: ReplacementModel, clean: CleanRun, rows: int, batch_size: int) -> dict[str, int]:
+    """Bytes the attribution of `rows` target rows will add to the clean run, by part (an estimate: the edges part
+    assumes a target's sources sit, on average, at half its positions and, for a feature, in half of the layers).
+
+    - edges: int32 target, int32 source, float32 weight per edge (what the graph keeps);
+    - pass: one batch of the transposed pass: gradients `[rows, n, d]` and effects `[rows, sources]`, with
+      `rows x n` about `batch_size x pos` (`by_position`);
+    - patterns: every layer's `[heads, pos, pos]` when kept (up to 1 GiB), else one block of rows at a time;
+    - check: the edge check's forward pass of two rows (each layer's pattern, its scores and softmax, transient)."""
+    model, pos = rm.model, len(clean.ids)
+    k = max(int((f > 0).sum(-1).max()) for f in clean.features)  # active features at the busiest position
+    per_position = 1 + rm.n_layers * (k + 1)  # sources: embedding, then features and error per layer
+    patterns = rm.n_layers * model.n_heads * pos * pos * 4
+    return {
+        "edges": int(rows * (pos / 2) * (1 + rm.n_layers / 2 * (k + 1)) * 12),
+        "pass": batch_size * pos * (model.d_model + per_position) * 4,
+        "patterns": patterns if patterns <= 1 << 30 else 1 << 26,
+        "check": 3 * 2 * model.n_heads * pos * pos * 4,
+    }
+
+
+def check_memory(parts: dict[str, int], device, n_tokens: int) -> None:
+    """A one-line refusal, before the long part starts, when the estimate does not fit in the memory free on the
+    device (never on a device whose free memory cannot be read)."""
+    from modelrecon.memory import available_bytes
+
+    free = available_bytes(device)
+    need = sum(parts.values())
+    if free is None or need <= free:
+        return
+    largest = max(parts, key=parts.get)
+    bound = {"edges": "lower --max-features", "pass": "lower --batch-size"}.get(largest, "trace a shorter prompt")
+    raise BadInputError(f"attributing {n_tokens:,} tokens needs about {need / 2**30:.1f} GiB ({largest}: "
+                        f"{parts[largest] / 2**30:.1f} GiB), {free / 2**30:.1f} GiB free on {device}: {bound} "
+                        f"(it bounds the {largest})")  # fmt: skip
 
 
 def _chunks(items: list, size: int):

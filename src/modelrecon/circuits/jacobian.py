@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from modelrecon.circuits.replacement import CleanRun, ReplacementModel
+from modelrecon.hooks.attention import FrozenAttention
 from modelrecon.models.weights import Norm, linear_weight, norm, output_weight, value_weight
 
 
@@ -42,7 +43,9 @@ class _Layer:
 
     value: torch.Tensor  # [kv_heads * d_head, d]: v_proj times the attention norm's gain (and its centring)
     out: torch.Tensor  # [d, heads * d_head]: o_proj
-    pattern: torch.Tensor  # [kv_heads, group * q, k]: the frozen pattern times the attention norm's scale at k
+    pattern: torch.Tensor | None  # [kv_heads, group * q, k]: the frozen pattern times the norm's scale at k (kept)
+    attention: FrozenAttention  # what the pattern is recomputed from when it is not kept
+    key_scale: torch.Tensor  # [pos]: the attention norm's frozen scale at each key position
     mlp_norm: Norm
     mlp_scale: torch.Tensor  # [pos, 1]: the MLP norm's frozen 1/rms
     attn_out: tuple[Norm, torch.Tensor] | None  # a norm on attention's output and its frozen scale [pos, 1]
@@ -53,7 +56,7 @@ class _Layer:
 class Jacobian:
     """The transposed replacement model of one prompt (see the module docstring)."""
 
-    def __init__(self, rm: ReplacementModel, clean: CleanRun) -> None:
+    def __init__(self, rm: ReplacementModel, clean: CleanRun, pattern_bytes: int = 1 << 30) -> None:
         model = rm.model
         self.rm, self.clean = rm, clean
         self.parallel = not model.has_resid_mid
@@ -68,18 +71,27 @@ class Jacobian:
             self.slots.append(torch.cat([latents, width + torch.arange(pos, device=device)[:, None]], 1))
             self.values.append(torch.cat([f.float().gather(-1, latents) * valid, torch.ones(pos, 1, device=device)], 1))
         frozen, scales = rm.norms, [s.float() for s in clean.norm_scales]
+        pos = len(clean.ids)
+        # Short prompts keep every layer's pattern (the fastest); long ones recompute blocks of rows as needed, so
+        # memory grows with the prompt, not with its square times the layers.
+        keep_patterns = rm.n_layers * self.heads * pos * pos * 4 <= pattern_bytes
         self.layers = []
         for layer in range(rm.n_layers):
             attn = norm(frozen.modules[frozen.attn[layer]])
             mlp = norm(frozen.modules[frozen.mlp[layer]])
-            pattern = clean.patterns[layer].float() * scales[frozen.attn[layer]][:, 0]  # [heads, q, k] x scale at k
-            heads, pos = pattern.shape[0], pattern.shape[1]
+            key_scale = scales[frozen.attn[layer]][:, 0]  # the attention norm's frozen scale at each key position
+            pattern = None
+            if keep_patterns:
+                pattern = clean.patterns[layer].pattern() * key_scale  # [heads, q, k]
+                pattern = pattern.reshape(self.kv_heads, self.heads // self.kv_heads * pos, pos)
             skip = self._skip(layer)
             post = frozen.attn_out[layer]
             self.layers.append(_Layer(
                 value=attn.transposed(value_weight(model, layer)),  # W_v diag(gain) C, C symmetric
                 out=output_weight(model, layer),
-                pattern=pattern.reshape(self.kv_heads, heads // self.kv_heads * pos, pos),
+                pattern=pattern,
+                attention=clean.patterns[layer],
+                key_scale=key_scale,
                 mlp_norm=mlp,
                 mlp_scale=scales[frozen.mlp[layer]],
                 attn_out=None if post is None else (norm(frozen.modules[post]), scales[post]),
@@ -192,10 +204,18 @@ class Jacobian:
         if p.attn_out is not None:  # Gemma's norm on attention's output, frozen
             post, scale = p.attn_out
             g = post.transposed(g) * scale[:n]
-        heads = (g @ p.out).view(rows, n, kv, group, dh).permute(2, 3, 1, 0, 4).reshape(kv, group * n, rows * dh)
-        pos = p.pattern.shape[-1]
-        pattern = p.pattern.view(kv, group, pos, pos)[:, :, :n, :n].reshape(kv, group * n, n)
-        values = pattern.transpose(1, 2) @ heads  # [kv, k, rows * dh]
+        heads = (g @ p.out).view(rows, n, kv, group, dh).permute(2, 3, 1, 0, 4)  # [kv, group, q, rows, dh]
+        if p.pattern is not None:
+            pos = p.pattern.shape[-1]
+            pattern = p.pattern.view(kv, group, pos, pos)[:, :, :n, :n].reshape(kv, group * n, n)
+            values = pattern.transpose(1, 2) @ heads.reshape(kv, group * n, rows * dh)  # [kv, k, rows * dh]
+        else:  # blocks of query rows recomputed, ~64 MB of pattern at a time
+            values = heads.new_zeros(kv, n, rows * dh)
+            block = max(1, (1 << 24) // (self.heads * n))
+            for a in range(0, n, block):
+                b = min(n, a + block)
+                pattern = (p.attention.rows(a, b, n) * p.key_scale[:n]).view(kv, group * (b - a), n)
+                values += pattern.transpose(1, 2) @ heads[:, :, a:b].reshape(kv, group * (b - a), rows * dh)
         return values.view(kv, n, rows, dh).permute(2, 1, 0, 3).reshape(rows, n, kv * dh) @ p.value
 
 

@@ -20,6 +20,7 @@ import torch
 
 from modelrecon.dictionaries.model import Dictionary
 from modelrecon.errors import BadInputError
+from modelrecon.hooks.attention import FrozenAttention, attention_inputs
 from modelrecon.hooks.trace import hooked
 from modelrecon.models.model import Model
 from modelrecon.models.sites import site_name
@@ -35,7 +36,7 @@ class CleanRun:
     mlp_in: list[torch.Tensor]  # per layer [pos, d_model]
     features: list[torch.Tensor]  # per layer [pos, width]: the transcoder's activations
     errors: list[torch.Tensor]  # per layer [pos, d_model]: the MLP's output minus the transcoder's prediction
-    patterns: list[torch.Tensor]  # per layer [head, q, k]
+    patterns: list[FrozenAttention]  # per layer: what its pattern [head, q, k] is recomputed from
     logits: torch.Tensor  # [vocab] at the last position
     norm_scales: list[torch.Tensor]  # per frozen norm (`FrozenNorms.modules` order) [pos, 1]: 1 / rms of its input
 
@@ -133,19 +134,21 @@ class ReplacementModel:
     def clean(self, ids: list[int]) -> CleanRun:
         from modelrecon.hooks.run import run
 
-        n = self.n_layers
-        sites = ["layers.0.resid_pre"] + [site_name(k, i) for i in range(n) for k in ("mlp.in", "mlp.out",
-                                                                                     "attn.pattern")]  # fmt: skip
+        n, model = self.n_layers, self.model
+        sites = ["layers.0.resid_pre"] + [site_name(k, i) for i in range(n) for k in ("mlp.in", "mlp.out")]
         scales: dict[int, torch.Tensor] = {}
+        attention: dict[int, FrozenAttention] = {}
         with ExitStack() as stack:
             for i, module in enumerate(self.norms.modules):
                 stack.enter_context(_frozen_scale(module, record=(scales, i)))
-            result = run(self.model, self.model.batch_from_ids([ids]), record=sites)
+            modules = {model.layer_module(i, model.adapter.attn): i for i in range(n)}
+            stack.enter_context(attention_inputs(model.hf.config._attn_implementation, modules, attention))
+            result = run(model, model.batch_from_ids([ids]), record=sites)
         acts = {s: v[0] for s, v in result.acts.items()}
         mlp_in = [acts[site_name("mlp.in", i)] for i in range(n)]
         features = [self.encode_layer(i, x) for i, x in enumerate(mlp_in)]
         errors = [acts[site_name("mlp.out", i)] - self.decode_layer(i, features, mlp_in[i]) for i in range(n)]
-        patterns = [acts[site_name("attn.pattern", i)] for i in range(n)]
+        patterns = [attention[i] for i in range(n)]
         return CleanRun(ids, acts["layers.0.resid_pre"], mlp_in, features, errors, patterns, result.logits[0][-1],
                         [scales[i] for i in range(len(self.norms.modules))])  # fmt: skip
 
@@ -176,8 +179,8 @@ class ReplacementModel:
         edit = {"layers.0.resid_pre": lambda value, ctx: leaves["embed"].to(value)}
         if not live:
             for layer in range(n):
-                pattern = clean.patterns[layer]
-                edit[site_name("attn.pattern", layer)] = lambda value, ctx, p=pattern: p[None].to(value)
+                frozen = clean.patterns[layer]  # one layer's [heads, pos, pos] at a time, recomputed
+                edit[site_name("attn.pattern", layer)] = lambda value, ctx, p=frozen: p.pattern()[None].to(value)
         with ExitStack() as stack:
             if not live:
                 for module, scale in zip(self.norms.modules, clean.norm_scales, strict=True):

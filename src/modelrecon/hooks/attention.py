@@ -63,11 +63,8 @@ def patterns_through(implementation: str, handlers: dict[nn.Module, tuple[Patter
     if not handlers:
         yield
         return
-    mapping = AttentionInterface._global_mapping
-    had_entry = implementation in mapping
-    original = mapping.get(implementation)
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
+    def attention(original, module, query, key, value, attention_mask, **kwargs):
         own = original or _eager_of(module)
         entry = handlers.get(module)
         if entry is None:
@@ -87,7 +84,18 @@ def patterns_through(implementation: str, handlers: dict[nn.Module, tuple[Patter
             return _output_from_pattern(pattern, value), pattern.expand(value.shape[0], -1, -1, -1)
         return output, (pattern if original is None else weights)
 
-    mapping[implementation] = attention
+    with _attention_replaced(implementation, attention):
+        yield
+
+
+@contextmanager
+def _attention_replaced(implementation: str, attention: Callable) -> Iterator[None]:
+    """The model's entry in transformers' `AttentionInterface` replaced by `attention(original, module, ...)` while
+    the context is open (`original`: the entry it replaced, None for eager attention, which has no entry)."""
+    mapping = AttentionInterface._global_mapping
+    had_entry = implementation in mapping
+    original = mapping.get(implementation)
+    mapping[implementation] = lambda *args, **kwargs: attention(original, *args, **kwargs)
     try:
         yield
     finally:
@@ -95,3 +103,55 @@ def patterns_through(implementation: str, handlers: dict[nn.Module, tuple[Patter
             mapping[implementation] = original
         else:
             del mapping[implementation]
+
+
+class FrozenAttention:
+    """One layer's attention pattern of one prompt, kept as what it is made of: the query and key states that enter
+    the attention function (after RoPE and any q/k norms, `[1, heads, pos, d_head]`) and the function's arguments.
+    Any block of rows is recomputed exactly by the family's own eager attention, so a long prompt's patterns never
+    sit in memory as `[layers, heads, pos, pos]`: O(pos) per layer is kept, O(pos^2) for one layer at a time."""
+
+    def __init__(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> None:
+        self.module, self.query, self.key = module, query.detach(), key.detach()
+        self.kwargs = {k: v for k, v in kwargs.items() if k != "dropout"}
+        self.length = query.shape[-2]
+
+    def rows(self, start: int, stop: int, keys: int | None = None) -> torch.Tensor:
+        """The probabilities of query positions start..stop-1 over key positions 0..keys-1 (default: stop; later
+        keys are masked anyway): `[heads, stop - start, keys]`, float32."""
+        keys = stop if keys is None else keys
+        query, key = self.query[:, :, start:stop], self.key[:, :, :keys]
+        q = torch.arange(start, stop, device=query.device)[:, None]
+        k = torch.arange(keys, device=query.device)[None, :]
+        allowed = k <= q
+        window = self.kwargs.get("sliding_window")
+        if window is not None:
+            allowed &= q - k < window
+        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]
+        _, pattern = _eager_of(self.module)(self.module, query, key, key, mask, dropout=0.0, **self.kwargs)
+        return pattern[0].float()
+
+    def pattern(self, n: int | None = None) -> torch.Tensor:
+        """The pattern over the first n positions (default: all), `[heads, n, n]`."""
+        n = self.length if n is None else n
+        return self.rows(0, n)
+
+    def nbytes(self) -> int:
+        return (self.query.numel() + self.key.numel()) * self.query.element_size()
+
+
+@contextmanager
+def attention_inputs(implementation: str, modules: dict[nn.Module, int], out: dict[int, FrozenAttention]):
+    """While open, each attention module in `modules` (module -> layer) stores its `FrozenAttention` in `out[layer]`
+    and runs as usual (its output untouched: the logits stay the model's own)."""
+
+    def attention(original, module, query, key, value, attention_mask, **kwargs):
+        layer = modules.get(module)
+        if layer is not None:
+            out[layer] = FrozenAttention(module, query, key, kwargs)
+        own = original or _eager_of(module)
+        return own(module, query, key, value, attention_mask, **kwargs)
+
+    with _attention_replaced(implementation, attention):
+        yield
