@@ -229,7 +229,7 @@ def test_texts_are_cut_into_windows(model):
 
 def test_eval_dict_cli(model, monkeypatch, tmp_path):
     dictionaries = [random_dictionary(layers=(i,), seed=i) for i in (0, 2)]
-    monkeypatch.setattr(dict_cli, "load_model", lambda name: model)
+    monkeypatch.setattr(dict_cli, "load_model", lambda name, device, dtype: model)
     monkeypatch.setattr(dict_cli, "_load_dictionaries", lambda folders: dictionaries)
     app = typer.Typer()
     app.command("eval-dict")(dict_cli.eval_dict)

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from modelrecon.cli_common import DeviceOption, DtypeOption, ModelOption, load_model, stdout
+from modelrecon.cli_common import TRANSCODERS_HELP, DeviceOption, DtypeOption, ModelOption, load_model, stdout
 from modelrecon.errors import BadInputError, ModelreconError
 from modelrecon.models.embedded import DEFAULT_MODEL, EMBEDDED
 
@@ -638,7 +638,8 @@ def trace(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     transcoders: Annotated[
-        str, typer.Option(help="a transcoder folder (modelrecon or circuit-tracer), a tier (demo, standard) or default")
+        str,
+        typer.Option(help=TRANSCODERS_HELP),
     ] = "default",
     level: Annotated[
         str,

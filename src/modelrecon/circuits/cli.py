@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from modelrecon.cli_common import DeviceOption, DtypeOption, ModelOption, load_model, stdout
+from modelrecon.cli_common import TRANSCODERS_HELP, DeviceOption, DtypeOption, ModelOption, load_model, stdout
 from modelrecon.models.embedded import DEFAULT_MODEL
 
 
@@ -22,7 +22,8 @@ def _figure(value) -> str:
 def graph_eval(
     json_out: Annotated[Path, typer.Option("--json", help="the JSON report to write (per prompt and averages)")],
     transcoders: Annotated[
-        str, typer.Option(help="a transcoder folder, a tier (demo, standard) or default")
+        str,
+        typer.Option(help=TRANSCODERS_HELP),
     ] = "default",
     prompts: Annotated[
         Path | None, typer.Option(help="a JSONL file of {prompt, answer, kind?, subject?} (default: the shipped set)")

@@ -13,20 +13,16 @@ from modelrecon.cli_common import DeviceOption, DtypeOption, ModelOption, load_m
 from modelrecon.models.embedded import DEFAULT_MODEL
 
 
-def _load_dictionaries(folders: list[Path]) -> list:
-    """Every dictionary in the given folders (a folder may hold one, or one per layer)."""
-    from modelrecon.dictionaries.formats import load_dictionaries
+def _load_dictionaries(names: list[str]) -> list:
+    """Every dictionary the names give (a folder or hub name may hold one, or one per layer)."""
+    from modelrecon.dictionaries.hub import open_dictionaries
 
-    out = []
-    for folder in folders:
-        loaded = load_dictionaries(folder)
-        out.extend(loaded if isinstance(loaded, (list, tuple)) else [loaded])
-    return out
+    return [d for name in names for d in open_dictionaries(name)]
 
 
 def eval_dict(
     dictionary: Annotated[
-        list[Path], typer.Option("--dict", help="a dictionary folder (repeatable: evaluated together)")
+        list[str], typer.Option("--dict", help="a dictionary folder or hub name (repeatable: evaluated together)")
     ],
     model: ModelOption = DEFAULT_MODEL,
     device: DeviceOption = "auto",

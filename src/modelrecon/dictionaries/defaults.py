@@ -141,21 +141,20 @@ def built_tiers(model: Model) -> list[str]:
 
 def transcoders_by_name(model: Model, name: str) -> list[Dictionary]:
     """Transcoders named on the command line: a tier (`demo`, `standard`), `default` (the best tier built here, else
-    the demo tier, built on first use), or a folder (modelrecon's, or circuit-tracer's with a config.yaml). Only the
-    demo tier is built implicitly: the standard one takes up to an hour and is built by `modelrecon transcoders`."""
-    from modelrecon.dictionaries.formats import import_circuit_tracer
+    the demo tier, built on first use), or anything `dictionaries.hub.open_dictionaries` reads (a folder, a
+    circuit-tracer config, a hub repo, a SAELens release). Only the demo tier is built implicitly: the standard one
+    takes up to an hour and is built by `modelrecon transcoders`."""
+    from modelrecon.dictionaries.hub import looks_like_hub_name, open_dictionaries
 
     if name == "default":
         built = built_tiers(model)
         return default_transcoders(model, built[-1] if built else "demo")
     if name in TIERS:
         return default_transcoders(model, name, build=name == "demo")
-    folder = Path(name)
-    if not folder.is_dir():
-        raise BadInputError(f"--transcoders {name!r} is neither a folder nor one of default, {', '.join(TIERS)}")
-    if (folder / "config.yaml").exists():
-        return import_circuit_tracer(folder)
-    return load_dictionaries(folder)
+    if not Path(name).exists() and not looks_like_hub_name(name):
+        raise BadInputError(f"--transcoders {name!r} is neither a folder, a hub name (org/repo[/path], "
+                            f"saelens:RELEASE/ID) nor one of default, {', '.join(TIERS)}")  # fmt: skip
+    return open_dictionaries(name)
 
 
 def check_tier(model: Model, quality: str) -> None:

@@ -549,6 +549,12 @@ def import_saelens(folder: str | Path, site: str | tuple[str, str] | None = None
     folder = Path(folder)
     cfg_path, weights = folder / SAELENS_CONFIG, folder / SAELENS_WEIGHTS
     cfg = _read_json(cfg_path, "SAELens folder")
+    return _saelens_dictionary(cfg, cfg_path, lambda: _read_safetensors(weights, "SAELens folder"), weights, site)
+
+
+def _saelens_dictionary(cfg: dict, cfg_path: Path, read_tensors: Callable[[], dict], weights: Path,
+                        site: str | tuple[str, str] | None) -> Dictionary:  # fmt: skip
+    """A Dictionary from a SAELens config and its tensors (read only once the config is checked)."""
     metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     architecture = cfg.get("architecture", "standard")
     if architecture not in SAELENS_IMPORTS:
@@ -613,7 +619,7 @@ def import_saelens(folder: str | Path, site: str | tuple[str, str] | None = None
         data["jumprelu_bandwidth"] = fields["jumprelu_bandwidth"]
     config = _config_from_dict(data, cfg_path)
 
-    tensors = _read_safetensors(weights, "SAELens folder")
+    tensors = read_tensors()
     if "scaling_factor" in tensors and bool((tensors["scaling_factor"] == 1).all()):
         del tensors["scaling_factor"]  # SAELens itself drops an all-ones scaling factor
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
@@ -637,6 +643,40 @@ def import_saelens(folder: str | Path, site: str | tuple[str, str] | None = None
         out["W_skip"] = tensors["W_skip"].T[None]
     out.update(_threshold_tensors(config, tensors["threshold"][None] if "threshold" in tensors else None))
     return _assemble(config, _contiguous(out), dtype)
+
+
+# --- GemmaScope ----------------------------------------------------------------------------------------------------
+GEMMA_SCOPE_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
+
+
+def read_gemma_scope_params(path: str | Path) -> dict[str, torch.Tensor]:
+    """GemmaScope's `params.npz` (JumpReLU: W_enc [d_in, width], W_dec [width, d_out], b_enc, b_dec, threshold),
+    read without pickle (an .npz is a zip of .npy arrays; object arrays are refused)."""
+    import numpy as np
+
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise BadInputError(f"'{path}' is not a readable GemmaScope params.npz ({exc}); download it again") from None
+    if set(arrays) != GEMMA_SCOPE_KEYS:
+        raise BadInputError(f"'{path}' holds {sorted(arrays)}, not GemmaScope's {sorted(GEMMA_SCOPE_KEYS)}")
+    return {k: torch.from_numpy(v.astype(np.float32)) for k, v in arrays.items()}
+
+
+def import_gemma_scope(path: str | Path, site: str | tuple[str, str]) -> Dictionary:
+    """A GemmaScope JumpReLU SAE (`site`: the site it reads and writes) or transcoder (`site`: (mlp.in, mlp.out)
+    sites) from its `params.npz`. GemmaScope encodes x, not x - b_dec; that is folded into the encoder bias."""
+    path = Path(path)
+    tensors = read_gemma_scope_params(path)
+    d_in, width = tensors["W_enc"].shape
+    d_out = tensors["W_dec"].shape[1]
+    transcoder = not isinstance(site, str)
+    cfg = {"architecture": "jumprelu_transcoder" if transcoder else "jumprelu", "d_in": d_in, "d_sae": width,
+           "d_out": d_out, "dtype": "float32", "apply_b_dec_to_input": False,
+           "metadata": {"model_name": "gemma-2", "hook_name": None}}  # fmt: skip
+    return _saelens_dictionary(cfg, path, lambda: tensors, path, site)
 
 
 # --- circuit-tracer ------------------------------------------------------------------------------------------------
@@ -776,13 +816,14 @@ def _numbered(folder: Path, pattern: str) -> int:
     return len(numbers)
 
 
-def import_circuit_tracer(folder: str | Path) -> list[Dictionary]:
+def import_circuit_tracer(folder: str | Path, layer_files: Sequence[Path] | None = None) -> list[Dictionary]:
     """Read a circuit-tracer folder: `config.yaml` with `layer_{i}.safetensors` (a list of per-layer transcoders) or
     with `W_enc_{i}` / `W_dec_{i}.safetensors` (a list holding one CLT).
 
     Kinds, activations, sites and provenance come from the `modelrecon` entry of folders written by
     `export_circuit_tracer`; otherwise from the hooks (see the docs' table), with ReLU, or JumpReLU where there is a
-    threshold. Files hosted on the hub (`hf://` paths) must be downloaded into such a folder first."""
+    threshold. `layer_files`: the per-layer files where the config lists them elsewhere (its `transcoders`, which
+    `dictionaries.hub` downloads); GemmaScope's `params.npz` files are read too."""
     folder = Path(folder)
     cfg_path = folder / CIRCUIT_TRACER_CONFIG
     cfg = _read_yaml(cfg_path, "circuit-tracer folder")
@@ -818,15 +859,21 @@ def import_circuit_tracer(folder: str | Path) -> list[Dictionary]:
         return _config_from_dict(base, cfg_path)
 
     if model_kind == "transcoder_set":
-        n = _numbered(folder, "layer_{i}.safetensors")
+        files = list(layer_files) if layer_files is not None else [
+            folder / f"layer_{i}.safetensors" for i in range(_numbered(folder, "layer_{i}.safetensors"))]  # fmt: skip
+        n = len(files)
         if n == 0:
             extra = " (its 'transcoders' list points elsewhere: download them as layer_{i}.safetensors)" if cfg.get(
                 "transcoders") else ""  # fmt: skip
             raise BadInputError(f"'{folder}' has no layer_{{i}}.safetensors files{extra}")
         out = []
-        for layer in range(n):
-            path = folder / f"layer_{layer}.safetensors"
-            tensors = _read_safetensors(path, "circuit-tracer folder")
+        for layer, path in enumerate(files):
+            if Path(path).suffix == ".npz":  # GemmaScope, as circuit-tracer reads it
+                params = read_gemma_scope_params(path)
+                tensors = {"W_enc": params["W_enc"].T.contiguous(), "W_dec": params["W_dec"], "b_enc": params["b_enc"],
+                           "b_dec": params["b_dec"], "activation_function.threshold": params["threshold"]}  # fmt: skip
+            else:
+                tensors = _read_safetensors(path, "circuit-tracer folder")
             if (
                 "b_enc" not in tensors
                 or "b_dec" not in tensors

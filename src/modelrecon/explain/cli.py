@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from modelrecon.cli_common import DeviceOption, DtypeOption, ModelOption, load_model, stdout
+from modelrecon.cli_common import TRANSCODERS_HELP, DeviceOption, DtypeOption, ModelOption, load_model, stdout
 from modelrecon.errors import BadInputError
 from modelrecon.models.embedded import DEFAULT_MODEL
 
@@ -54,7 +54,11 @@ def explain(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="the explanations file to write (resumed when it exists)")],
     dictionary: Annotated[
-        str, typer.Option("--dict", help="a transcoder folder (modelrecon or circuit-tracer), a tier, or default")
+        str,
+        typer.Option(
+            "--dict",
+            help=TRANSCODERS_HELP,
+        ),
     ] = "default",
     features: Annotated[str | None, typer.Option(help="LAYER/FEATURE pairs: 3/17,29/394")] = None,
     graph: Annotated[
