@@ -46,7 +46,8 @@ HERE = Path(__file__).resolve().parent
 TOLERANCE = 1e-4
 
 
-def build(work: Path, seed: int, active: float, layers: int, d_model: int, width: int) -> tuple[Path, Path]:
+def build(work: Path, seed: int, active: float, layers: int, d_model: int, width: int,
+          positions: int = 256) -> tuple[Path, Path]:  # fmt: skip
     """The model folder (MLP width 2 x d_model, 4 heads, 2 kv heads) and the circuit-tracer transcoder folder."""
     sys.path.insert(0, str(ROOT / "tests"))
     from tokenizers import processors
@@ -60,7 +61,7 @@ def build(work: Path, seed: int, active: float, layers: int, d_model: int, width
 
     model_dir, tc_dir = work / "model", work / "transcoders"
     tiny = tiny_model("llama", seed, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=layers,
-                      max_position_embeddings=256)  # fmt: skip
+                      max_position_embeddings=positions)  # fmt: skip
     tokenizer = char_tokenizer()
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<bos> $A", special_tokens=[("<bos>", tokenizer.bos_token_id)]
@@ -243,7 +244,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="modelrecon-ct-") as temp:
         work = args.keep or Path(temp)
         work.mkdir(parents=True, exist_ok=True)
-        build(work, args.seed, args.active, args.layers, args.d_model, args.width)
+        build(work, args.seed, args.active, args.layers, args.d_model, args.width, max(256, max(args.lengths)))
         results = []
         for length in args.lengths:
             ids_file = work / f"ids_{length}.json"
