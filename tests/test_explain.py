@@ -184,3 +184,31 @@ def test_explain_command_and_its_one_line_errors(setup, capsys, tmp_path, tiny_g
     assert_one_line_error(*cli(capsys, *base, "--features", "0/1", *no_chat, "--out", tmp_path / "c.json")[::2],
                           "cannot chat")  # fmt: skip
     assert not (tmp_path / "u.json").exists() and not (tmp_path / "c.json").exists()
+
+
+def test_llm_simulation_scores_a_judge_that_names_the_right_tokens(setup):
+    """A white-box judge (answers known by construction: it names the numbered tokens that are the character the
+    explanation quotes) through the LLM simulation scorer: the true explanation correlates, the control does not, and
+    a judge that answers nonsense scores 0."""
+    import re
+
+    from modelrecon.explain.llm import ChatClient, Completion
+    from modelrecon.explain.prompts import parse_token_numbers
+
+    class QuotingJudge(ChatClient):
+        def _complete(self, messages, max_tokens, temperature, logprobs):
+            text = messages[-1]["content"]
+            quoted = re.findall(r'"(.)"', text.split("\n\n")[0])
+            lines = re.findall(r"^(\d+): '(.*)'$", text, flags=re.M)
+            hits = [n for n, token in lines if token.strip() in quoted]
+            return Completion(", ".join(hits) or "None", None)
+
+    class Nonsense(ChatClient):
+        def _complete(self, messages, max_tokens, temperature, logprobs):
+            return Completion("I think the feature is interesting.", None)
+
+    assert parse_token_numbers("3, 7 and 12", 10) == {3, 7}
+    ex = _planted(setup["cube"])[(0, 0)]  # fires on "q"
+    score = score_explanation("simulation", 'fires on "q"', 'fires on "z"', ex, judge=QuotingJudge("oracle", None))
+    assert score.judge == "oracle" and score.score > 0.8 and abs(score.control) < 0.1
+    assert score_explanation("simulation", 'fires on "q"', 'fires on "z"', ex, judge=Nonsense("no", None)).score == 0

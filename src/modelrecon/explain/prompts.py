@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from modelrecon.explain.examples import Window
 
-PROMPT_VERSION = "v1"
+PROMPT_VERSION = "v2"  # v2: the simulation prompt
 
 EXPLAIN_SYSTEM = (
     "You are an interpretability researcher. You are shown text excerpts in which one feature of a language model "
@@ -29,6 +29,14 @@ DETECTION_USER = (
 FUZZING_USER = (
     "Feature description: {explanation}\n\nIn the text below some tokens are marked <<like this>>.\n\nText: {text}"
     "\n\nAre the marked tokens what the description describes? Answer Yes or No."
+)
+
+SIMULATION_USER = (
+    "Feature description: {explanation}\n\nThe tokens of a text, numbered:\n{tokens}\n\nOn which tokens is this "
+    "feature active? Answer with their numbers separated by commas, or None."
+)
+SIMULATION_SYSTEM = (
+    "You predict where a feature of a language model is active, from its description. Answer with token numbers only."
 )
 
 
@@ -59,6 +67,20 @@ def judge_messages(explanation: str, text: str, fuzzing: bool) -> list[dict[str,
     template = FUZZING_USER if fuzzing else DETECTION_USER
     return [{"role": "system", "content": JUDGE_SYSTEM},
             {"role": "user", "content": template.format(explanation=explanation, text=text)}]  # fmt: skip
+
+
+def simulation_messages(explanation: str, window: Window) -> list[dict[str, str]]:
+    """The chat that asks on which tokens of a window the described feature fires (one token per numbered line)."""
+    tokens = "\n".join(f"{i}: {t!r}" for i, t in enumerate(window.tokens))
+    return [{"role": "system", "content": SIMULATION_SYSTEM},
+            {"role": "user", "content": SIMULATION_USER.format(explanation=explanation, tokens=tokens)}]  # fmt: skip
+
+
+def parse_token_numbers(answer: str, n: int) -> set[int]:
+    """The token numbers in a simulation answer (those in 0..n-1; anything else is ignored)."""
+    import re
+
+    return {int(m) for m in re.findall(r"\d+", answer) if int(m) < n}
 
 
 def parse_explanation(answer: str) -> str | None:

@@ -5,7 +5,8 @@ same scorer given another feature's explanation, so a score means something only
   elsewhere). Balanced accuracy, 0.5 is chance; AUC too when the judge gives log-probabilities.
 - fuzzing: tell windows whose marked tokens are the active ones from windows with as many other tokens marked.
   Balanced accuracy (and AUC).
-- simulation: the correlation of the simulated with the real activations over every token of the test windows.
+- simulation: the correlation of the simulated with the real activations over every token of the test windows (the
+  lexical judge predicts from the tokens the explanation names; an LLM judge names the tokens it expects to fire).
 - causal (output side, the project's thesis applied to explanations): steer the feature to its largest activation
   at the last token of test contexts and measure how much the log-probability of the tokens the explanation names
   rises, relative to the average token; the control is the rise for another explanation's tokens.
@@ -23,7 +24,14 @@ import torch
 
 from modelrecon.explain.examples import FeatureExamples, Window
 from modelrecon.explain.lexical import Reading, read_explanation
-from modelrecon.explain.prompts import judge_messages, marked, parse_yes_no, yes_probability
+from modelrecon.explain.prompts import (
+    judge_messages,
+    marked,
+    parse_token_numbers,
+    parse_yes_no,
+    simulation_messages,
+    yes_probability,
+)
 
 SCORERS = ("detection", "fuzzing", "simulation", "causal")
 
@@ -119,8 +127,32 @@ def _lexical(scorer: str, explanation: str, ex: FeatureExamples) -> tuple[float 
     return balanced_accuracy([s >= 0.5 for s in scores], truth), len(truth), None
 
 
+def _llm_simulation(client, explanation: str, ex: FeatureExamples) -> tuple[float | None, int, float | None]:
+    """The judge names the tokens of each test window it expects the feature to fire on; those are simulated at 1,
+    the rest at 0, and correlated with the real activations (a window whose answer fails counts as all 0)."""
+    windows = ex.test_active + ex.test_random + ex.test_similar
+    if not windows:
+        return None, 0, None
+    answers = client.chat_many([simulation_messages(explanation, w) for w in windows], max_tokens=48)
+    from modelrecon.explain.llm import ClientUnusable
+
+    unusable = next((a for a in answers if isinstance(a, ClientUnusable)), None)
+    if unusable is not None:
+        raise unusable
+    predicted, real = [], []
+    for w, answer in zip(windows, answers, strict=True):
+        named = set() if isinstance(answer, Exception) else parse_token_numbers(answer.text, len(w.tokens))
+        predicted += [1.0 if i in named else 0.0 for i in range(len(w.tokens))]
+        real += w.acts
+    if np.std(predicted) == 0 or np.std(real) == 0:
+        return 0.0, len(real), None
+    return float(np.corrcoef(predicted, real)[0, 1]), len(real), None
+
+
 def _llm(client, scorer: str, explanation: str, ex: FeatureExamples) -> tuple[float | None, int, float | None]:
     """Yes/No per test window from the judge; unparseable answers count as No (and are counted as such)."""
+    if scorer == "simulation":
+        return _llm_simulation(client, explanation, ex)
     if scorer == "detection":
         items = [(text, truth) for text, truth, _ in detection_items(ex)]
     else:
@@ -146,7 +178,7 @@ def _llm(client, scorer: str, explanation: str, ex: FeatureExamples) -> tuple[fl
 
 def score_explanation(scorer: str, explanation: str, control: str, ex: FeatureExamples, judge="lexical") -> Score:
     """One scorer (detection, fuzzing, simulation) of `explanation` and of the `control` explanation on `ex`."""
-    lexical = judge == "lexical" or scorer == "simulation"
+    lexical = judge == "lexical"
     run = _lexical if lexical else (lambda s, e, x: _llm(judge, s, e, x))
     value, n, area = run(scorer, explanation, ex)
     control_value, _, _ = run(scorer, control, ex)
