@@ -227,16 +227,17 @@ def estimate_memory(rm: ReplacementModel, clean: CleanRun, rows: int, batch_size
     - edges: int32 target, int32 source, float32 weight per edge (what the graph keeps);
     - pass: one batch of the transposed pass: gradients `[rows, n, d]` and effects `[rows, sources]`, with
       `rows x n` about `batch_size x pos` (`by_position`);
-    - patterns: every layer's `[heads, pos, pos]` when kept (up to 1 GiB), else one block of rows at a time;
+    - patterns: every layer's `[heads, pos, pos]` when kept (up to a quarter of the free memory), else one block
+      of rows at a time;
     - check: the edge check's forward pass of two rows (each layer's pattern, its scores and softmax, transient)."""
     model, pos = rm.model, len(clean.ids)
     k = max(int((f > 0).sum(-1).max()) for f in clean.features)  # active features at the busiest position
     per_position = 1 + rm.n_layers * (k + 1)  # sources: embedding, then features and error per layer
-    patterns = rm.n_layers * model.n_heads * pos * pos * 4
     return {
         "edges": int(rows * (pos / 2) * (1 + rm.n_layers / 2 * (k + 1)) * 12),
         "pass": batch_size * pos * (model.d_model + per_position) * 4,
-        "patterns": patterns if patterns <= 1 << 30 else 1 << 26,
+        # all kept where they fit in a quarter of the free memory (Jacobian), else a block of rows at a time
+        "patterns": min(rm.n_layers * model.n_heads * pos * pos * 4, 1 << 26),
         "check": 3 * 2 * model.n_heads * pos * pos * 4,
     }
 

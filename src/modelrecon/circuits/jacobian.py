@@ -56,7 +56,7 @@ class _Layer:
 class Jacobian:
     """The transposed replacement model of one prompt (see the module docstring)."""
 
-    def __init__(self, rm: ReplacementModel, clean: CleanRun, pattern_bytes: int = 1 << 30) -> None:
+    def __init__(self, rm: ReplacementModel, clean: CleanRun, pattern_bytes: int | None = None) -> None:
         model = rm.model
         self.rm, self.clean = rm, clean
         self.parallel = not model.has_resid_mid
@@ -74,6 +74,10 @@ class Jacobian:
         pos = len(clean.ids)
         # Short prompts keep every layer's pattern (the fastest); long ones recompute blocks of rows as needed, so
         # memory grows with the prompt, not with its square times the layers.
+        if pattern_bytes is None:  # a quarter of the free memory (1 GiB where it cannot be read)
+            from modelrecon.memory import available_bytes
+
+            pattern_bytes = (available_bytes(device) or 4 << 30) // 4
         keep_patterns = rm.n_layers * self.heads * pos * pos * 4 <= pattern_bytes
         self.layers = []
         for layer in range(rm.n_layers):
