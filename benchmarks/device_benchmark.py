@@ -32,13 +32,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tiny import char_tokenizer  # noqa: E402
-
 from modelrecon import Model  # noqa: E402
 from modelrecon.circuits.attribute import attribute  # noqa: E402
 from modelrecon.dictionaries import Dictionary, DictionaryConfig  # noqa: E402
 from modelrecon.dictionaries.train import TrainOptions, train  # noqa: E402
 from modelrecon.hooks.trace import hooked  # noqa: E402
+
+from tiny import char_tokenizer  # noqa: E402
 
 ARCHITECTURES = {  # real shapes, random weights
     "llama-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

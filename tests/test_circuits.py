@@ -15,12 +15,13 @@ from tiny import FAMILIES, tiny_model
 PROMPT = "The cat sat on the mat"
 
 
-def _transcoders(model, kind="skip-transcoder", seed=0):
+def _transcoders(model, kind="skip-transcoder", seed=0, activation="topk", width=40):
     generator = torch.Generator().manual_seed(seed)
     out = []
     for layer in range(model.n_layers):
         sites = (f"layers.{layer}.mlp.in",), (f"layers.{layer}.mlp.out",)
-        d = Dictionary(DictionaryConfig(kind, model.d_model, model.d_model, 40, "topk", 5, *sites))
+        k = 5 if activation == "topk" else None
+        d = Dictionary(DictionaryConfig(kind, model.d_model, model.d_model, width, activation, k, *sites))
         with torch.no_grad():
             for p in d.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
@@ -207,15 +208,7 @@ def test_graph_paths_predict_what_removing_a_feature_does_when_features_respond(
     from modelrecon.circuits.check import predicted_change
 
     model = tiny_model("llama")
-    generator = torch.Generator().manual_seed(3)
-    transcoders = []
-    for layer in range(model.n_layers):
-        sites = (f"layers.{layer}.mlp.in",), (f"layers.{layer}.mlp.out",)
-        d = Dictionary(DictionaryConfig("skip-transcoder", model.d_model, model.d_model, 24, "relu", None, *sites))
-        with torch.no_grad():
-            for p in d.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-        transcoders.append(d)
+    transcoders = _transcoders(model, seed=3, activation="relu", width=24)
     rm = ReplacementModel(model, transcoders)
     graph = attribute(model, PROMPT, rm, max_logits=1, max_feature_nodes=10**6, progress=False)  # every feature
     clean = rm.clean(graph.token_ids)

@@ -49,8 +49,16 @@ def test_the_attribution_graph_on_the_device_equals_the_cpu_graph(device, tiny_l
     graph = attribute(model, PROMPT, transcoders, max_feature_nodes=1000, progress=False)
     assert graph.metadata["edge_check_error"] < 1e-5
     assert [n.id for n in graph.nodes] == [n.id for n in expected.nodes]
-    edges = dict(zip(zip(expected.sources.tolist(), expected.targets.tolist()), expected.weights.tolist()))
-    got = dict(zip(zip(graph.sources.tolist(), graph.targets.tolist()), graph.weights.tolist()))
+    edges = dict(
+        zip(
+            zip(expected.sources.tolist(), expected.targets.tolist(), strict=True),
+            expected.weights.tolist(),
+            strict=True,
+        )
+    )
+    got = dict(
+        zip(zip(graph.sources.tolist(), graph.targets.tolist(), strict=True), graph.weights.tolist(), strict=True)
+    )
     scale = max(abs(w) for w in edges.values())
     assert max(abs(got.get(k, 0.0) - w) for k, w in edges.items()) < EDGE_TOL * scale
 

@@ -18,6 +18,7 @@ from modelrecon.dictionaries.hub import open_dictionaries
 from modelrecon.errors import BadInputError
 
 from conftest import assert_one_line_error, cli
+from test_circuits import _transcoders
 from tiny import tiny_model
 
 COMMIT = "a" * 40
@@ -43,19 +44,6 @@ def hub(tmp_path, monkeypatch):
             shutil.copyfile(source, target)
 
     return put
-
-
-def _relu_transcoders(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for layer in range(model.n_layers):
-        sites = (f"layers.{layer}.mlp.in",), (f"layers.{layer}.mlp.out",)
-        d = Dictionary(DictionaryConfig("skip-transcoder", model.d_model, model.d_model, 40, "relu", None, *sites))
-        with torch.no_grad():
-            for p in d.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-        out.append(d)
-    return out
 
 
 def _gemma_scope_params(d_in, width, d_out, seed):
@@ -84,7 +72,7 @@ def _gemma_scope_reference(params, x, subtract_b_dec=False):
 
 def test_a_circuit_tracer_repo_with_layer_files_traces_like_the_originals(hub, tmp_path):
     model = tiny_model("llama")
-    originals = _relu_transcoders(model)
+    originals = _transcoders(model, activation="relu")
     export_circuit_tracer(originals, tmp_path / "ct")
     for f in (tmp_path / "ct").iterdir():
         hub("org/tiny-transcoders", f"set-a/{f.name}", f)

@@ -13,9 +13,9 @@ from modelrecon.circuits.graph import Graph, Node
 from modelrecon.circuits.replacement import ReplacementModel
 from modelrecon.dictionaries.formats import save_dictionaries
 from modelrecon.errors import BadInputError
-from test_circuits import PROMPT, _transcoders
 
 from conftest import assert_one_line_error, cli
+from test_circuits import PROMPT, _transcoders
 from tiny import tiny_model
 
 
