@@ -274,6 +274,8 @@ def test_attribution_that_will_not_fit_is_refused_before_it_starts(monkeypatch, 
     attribute(model, PROMPT, rm, max_feature_nodes=10, progress=False)  # fits: runs
     with pytest.raises(BadInputError, match="lower --max-features"):
         attribute(model, PROMPT, rm, max_feature_nodes=1000, progress=False)
+    with pytest.raises(BadInputError, match="trained on at most 128 positions"):  # past the context: refused too
+        attribute(model, "x" * 200, rm, progress=False)
     from modelrecon.dictionaries.formats import save_dictionaries
 
     save_dictionaries(_transcoders(model), tmp_path / "tc")

@@ -129,6 +129,10 @@ def attribute(
     start = time.perf_counter()
     rm = transcoders if isinstance(transcoders, ReplacementModel) else ReplacementModel(model, transcoders)
     ids = model.encode(prompt)
+    limit = getattr(model.hf.config, "max_position_embeddings", None)
+    if limit is not None and len(ids) > limit:
+        raise BadInputError(f"the prompt is {len(ids):,} tokens and {model.name} was trained on at most {limit:,} "
+                            f"positions; trace a shorter prompt")  # fmt: skip
     clean = rm.clean(ids)  # O(pos) memory: what the rest needs is estimated from it before any row is computed
     logits = logit_targets(model, clean, target, max_logits, cumulative)
     wrong_id = None if wrong is None else single_token(model, wrong)
