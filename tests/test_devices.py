@@ -10,12 +10,12 @@ import modelrecon as mr
 from modelrecon.circuits.attribute import attribute
 from modelrecon.dictionaries.train import TrainOptions, train_on_model
 from modelrecon.errors import BadInputError
-from modelrecon.models.loading import resolve_device
+from modelrecon.models.loading import mps_available, resolve_device
 
 from conftest import assert_one_line_error, cli
 from test_circuits import PROMPT, _transcoders
 
-_MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+_MPS = mps_available()
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),

@@ -20,8 +20,7 @@ DtypeOption = Annotated[str, typer.Option("--dtype", help="the model's weights: 
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "float32"):
-    """The model a command runs, on its device and in its dtype (checked before any weights are read)."""
-    from modelrecon.models.loading import load, resolve_device, resolve_dtype
+    """The model a command runs, on its device and in its dtype (`load` checks both before reading any weights)."""
+    from modelrecon.models.loading import load
 
-    resolve_device(device), resolve_dtype(dtype)
     return load(name, device=device, dtype=dtype)

@@ -31,10 +31,18 @@ def _additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Te
         return mask
     if mask is None:  # the implementation relies on plain causal masking
         q_len, k_len = query.shape[-2], key.shape[-2]
-        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
+        mask = _allowed(k_len - q_len, k_len, k_len, None, query.device)[None, None]
     return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
         ~mask, torch.finfo(query.dtype).min
     )
+
+
+def _allowed(start: int, stop: int, keys: int, window: int | None, device) -> torch.Tensor:
+    """Which keys 0..keys-1 queries start..stop-1 may attend to: causal, and within `window` when there is one."""
+    q = torch.arange(start, stop, device=device)[:, None]
+    k = torch.arange(keys, device=device)[None, :]
+    allowed = k <= q
+    return allowed if window is None else allowed & (q - k < window)
 
 
 def _output_from_pattern(pattern: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -121,14 +129,8 @@ class FrozenAttention:
         keys are masked anyway): `[heads, stop - start, keys]`, float32."""
         keys = stop if keys is None else keys
         query, key = self.query[:, :, start:stop], self.key[:, :, :keys]
-        q = torch.arange(start, stop, device=query.device)[:, None]
-        k = torch.arange(keys, device=query.device)[None, :]
-        allowed = k <= q
-        window = self.kwargs.get("sliding_window")
-        if window is not None:
-            allowed &= q - k < window
-        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]
+        allowed = _allowed(start, stop, keys, self.kwargs.get("sliding_window"), query.device)
+        mask = _additive_mask(allowed[None, None], query, key)
         _, pattern = _eager_of(self.module)(self.module, query, key, key, mask, dropout=0.0, **self.kwargs)
         return pattern[0].float()
 

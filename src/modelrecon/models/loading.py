@@ -53,6 +53,11 @@ def sha256_of(paths: list[Path]) -> str:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """`cpu`, `cuda`, `cuda:N`, `mps` or `auto` (CUDA, else MPS, else the CPU), checked against what this machine
     has: a device that is not here is a one-line error, never a crash deep inside a forward pass."""
@@ -62,8 +67,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+        return torch.device("mps" if mps_available() else "cpu")
     try:
         resolved = torch.device(name)
     except RuntimeError:
@@ -76,8 +80,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
             raise BadInputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                                 f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")  # fmt: skip
     elif resolved.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
+        if not mps_available():
             raise BadInputError(f"--device {device}: no Apple MPS device here; use --device cpu or auto")
     elif resolved.type != "cpu":
         raise BadInputError(f"unsupported device {device!r}; use cpu, cuda, cuda:N, mps or auto")

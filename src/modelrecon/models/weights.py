@@ -56,28 +56,24 @@ class Norm:
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         """1 / rms (or 1 / std) over the last axis, in float32 (float64 stays), `[..., 1]`."""
-        x = _wide(x)
-        if self.centred:
-            x = x - x.mean(-1, keepdim=True)
-        return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return torch.rsqrt(self._centre(x).pow(2).mean(-1, keepdim=True) + self.eps)
 
     def frozen(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The norm with its scale held at `scale`: linear (affine) in `x`. Float32 (float64 stays)."""
-        x = _wide(x)
-        if self.centred:
-            x = x - x.mean(-1, keepdim=True)
+        x = self._centre(x)
         y = self.gain.to(x.device) * x * scale.to(x.device)
         return y if self.bias is None else y + self.bias.to(x.device)
+
+    def _centre(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` widened to float32 (float64 stays) and, for a layer norm, minus its mean."""
+        x = x if x.dtype == torch.float64 else x.float()
+        return x - x.mean(-1, keepdim=True) if self.centred else x
 
     def transposed(self, grad: torch.Tensor) -> torch.Tensor:
         """The gradient at the frozen norm's input from the gradient at its output, before the scale: the gain, then
         the centring (a symmetric projection)."""
         g = grad * self.gain.to(grad.device)
         return g - g.mean(-1, keepdim=True) if self.centred else g
-
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def norm(module: nn.Module) -> Norm:
