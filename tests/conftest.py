@@ -63,3 +63,43 @@ def embedded_routes(page_text: str) -> dict:
 
     assert "<script src" not in page_text and "https://" not in page_text
     return json.loads(page_text.split("window.MR_EMBED = ")[1].split(";</script>")[0].replace("<\\/", "</"))["routes"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for the scale-out tests (skipped where the `scale` extra is not installed)."""
+    ray = pytest.importorskip("ray", reason="the scale extra (Ray) is not installed")
+    from modelrecon.scale.cluster import connect
+
+    connect("local", num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1, with s3fs as the client; yields a bucket URL."""
+    import logging
+    import os
+
+    pytest.importorskip("s3fs", reason="the scale extra (s3fs) is not installed")
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] (a dev dependency) is not installed")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = dict(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+               AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("modelrecon-test")
+    yield "s3://modelrecon-test"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

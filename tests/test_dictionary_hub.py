@@ -151,3 +151,22 @@ def test_a_name_not_in_the_cache_offline_is_a_one_line_error(hub, capsys, tmp_pa
     code, _, err = cli(capsys, "trace", PROMPT, "--model", tiny_llama_folder, "--transcoders", "nonsense",
                        "--out", tmp_path / "g")  # fmt: skip
     assert_one_line_error(code, err, "nonsense", "saelens:RELEASE/ID")
+
+
+def test_a_modelrecon_set_in_a_repo_loads_every_member(hub, tmp_path, monkeypatch):
+    from modelrecon.dictionaries import hub as hub_module
+    from modelrecon.dictionaries.formats import save_dictionaries
+
+    saved = _transcoders(tiny_model("llama"), activation="relu")
+    save_dictionaries(saved, tmp_path / "set")
+    files = sorted(p.relative_to(tmp_path / "set").as_posix() for p in (tmp_path / "set").rglob("*") if p.is_file())
+    for name in files:
+        hub("org/mine", f"tc/{name}", tmp_path / "set" / name)
+    download, fetched = hub_module._download, []
+    monkeypatch.setattr(hub_module, "_download", lambda repo, name, *a, **k: fetched.append(name) or download(
+        repo, name, *a, **k))  # fmt: skip
+    loaded = open_dictionaries("org/mine/tc")
+    assert {f"tc/{name}" for name in files} <= set(fetched)  # every member is fetched, not only the index
+    assert len(loaded) == len(saved) > 1
+    for a, b in zip(loaded, saved, strict=True):
+        assert a.config == b.config and torch.equal(a.W_dec[0], b.fold_normalisation().W_dec[0])

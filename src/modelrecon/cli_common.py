@@ -17,6 +17,16 @@ TRANSCODERS_HELP = (
     "saelens:RELEASE/ID"
 )
 DtypeOption = Annotated[str, typer.Option("--dtype", help="the model's weights: float32, bfloat16 or float16")]
+RayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="ADDRESS",
+        help="run on Ray (extra 'scale'): local (a cluster on this machine, or RAY_ADDRESS), auto (the one "
+        "`ray start` began here) or HOST:PORT",
+    ),
+]
+WorkersOption = Annotated[int | None, typer.Option("--workers", min=1, help="with --ray: workers (default: CPUs / 2)")]
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "float32"):

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from modelrecon import storage
 from modelrecon.circuits.graph import Graph, Node
 from modelrecon.circuits.prune import completeness_score, cumulative_influence, node_influence, replacement_score
 from modelrecon.errors import BadInputError
-from modelrecon.files import json_safe, write_text_atomic
+from modelrecon.files import json_safe
 
 SCHEMA_VERSION = 1  # circuit-tracer / Neuronpedia graph schema
 MODELRECON_SCHEMA_VERSION = 1  # our `metadata.modelrecon` block and per-node extensions
@@ -166,10 +167,15 @@ def _slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "graph"
 
 
-def save_graph(graph: Graph, path: str | Path, node_threshold: float | None = None, slug: str | None = None) -> Path:
-    """Write `graph_to_json(graph)` to `path` atomically (a temporary file renamed into place)."""
-    data = graph_to_json(graph, node_threshold=node_threshold, slug=slug or Path(path).stem)
-    return write_text_atomic(path, json.dumps(data, default=str, allow_nan=False))
+def save_graph(
+    graph: Graph, path: str | Path, node_threshold: float | None = None, slug: str | None = None
+) -> Path | str:
+    """Write `graph_to_json(graph)` to `path` atomically (a temporary file renamed into place; at an fsspec URL, one
+    whole object). Returns the path (a URL as a string)."""
+    path = storage.location(path)
+    data = graph_to_json(graph, node_threshold=node_threshold, slug=slug or Path(storage.name(path)).stem)
+    storage.write_bytes(path, json.dumps(data, default=str, allow_nan=False).encode("utf-8"))
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -224,15 +230,21 @@ def _node_from_json(item, path, where: str) -> Node:
 
 
 def load_graph(path: str | Path) -> Graph:
-    """Read a graph file written by `save_graph` back into the Graph it was written from (edge weights as float32).
+    """Read a graph file written by `save_graph` (a path or an fsspec URL) back into the Graph it was written from
+    (edge weights as float32).
 
     Raises BadInputError (one line) for anything that is not such a file: not JSON, missing or mistyped fields,
     negative positions or layers, duplicate node ids, links to unknown nodes, non-finite weights."""
-    path = Path(path)
+    path = storage.location(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = storage.read_bytes(path).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInputError(f"cannot read graph file '{path}': {getattr(exc, 'strerror', None) or exc}") from None
+    return graph_from_text(text, path)
+
+
+def graph_from_text(text: str, path: str | Path = "<graph>") -> Graph:
+    """`load_graph` for a file's text already read (`path` names it in errors)."""
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:

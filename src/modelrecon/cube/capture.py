@@ -6,6 +6,11 @@ each write the cube's `progress.tokens_written` moves forward; both are atomic f
 so a process killed at any point (even SIGKILL) leaves a cube whose recorded progress is true. Re-running the same
 capture resumes from the batch holding the first unwritten token. Batches are fixed by the prompt order and batch
 size, so a resumed cube is bit-identical to an uninterrupted one.
+
+The same pieces serve a distributed capture (modelrecon.scale.capture): `prepare` plans and creates the cube once,
+`write_tokens` computes and writes one chunk-aligned token range (any process, any order: ranges never share a chunk),
+and the coordinator alone records the done ranges (`progress.done_chunks`) and finishes the cube.
+A cube can live on any fsspec URL (storage.py): there, each chunk and the metadata are whole objects.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import hashlib
 import json
 import platform
 import queue
-import shutil
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 import zarr
 
+from modelrecon import storage
 from modelrecon.cube import layout
 from modelrecon.cube.reader import Cube, read_attrs
 from modelrecon.errors import BadInputError, CubeError
@@ -119,7 +124,7 @@ def _metadata(model: Model, plan: _Plan, fingerprint: str, seed: int) -> dict:
         "schema": layout.SCHEMA,
         "schema_version": layout.SCHEMA_VERSION,
         "status": layout.STATUS_CAPTURING,
-        "progress": {"tokens_written": 0},
+        "progress": layout.progress([], plan.settings["chunk_tokens"], int(plan.offsets[-1])),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "fingerprint": fingerprint,
         "model": {
@@ -161,12 +166,19 @@ def _units(model: Model, kind: str, layer: int | None) -> tuple[int, list[int]]:
     return int(np.prod(shape)), shape
 
 
-def _create(path: Path, model: Model, plan: _Plan, meta: dict) -> None:
-    """Write the cube's skeleton (arrays at full size, token table, metadata) in a side folder, then rename it in."""
-    staging = path.with_name(path.name + ".creating")
-    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while creating
+_CREATING = "modelrecon_cube_creating"  # the group attribute of a remote cube whose skeleton is being written
+
+
+def _create(path: Path | str, model: Model, plan: _Plan, meta: dict) -> None:
+    """Write the cube's skeleton (arrays at full size, token table, metadata).
+
+    Locally it is written in a side folder and renamed in. An object store has no rename: the group is first marked
+    as being created and the metadata written last, so a killed creation is recognised and started again.
+    """
+    staging = path if storage.is_url(path) else path.with_name(path.name + ".creating")
+    storage.remove_tree(staging)  # left by a run killed while creating
     try:
-        group = zarr.open_group(staging, mode="w", zarr_format=3)
+        group = zarr.open_group(storage.zarr_store(staging), mode="w", zarr_format=3, attributes={_CREATING: True})
         n_tokens, chunk = int(plan.offsets[-1]), plan.settings["chunk_tokens"]
         dtype = plan.settings["dtype"]  # zarr takes the name
         for kind, layers in plan.kinds.items():
@@ -204,10 +216,11 @@ def _create(path: Path, model: Model, plan: _Plan, meta: dict) -> None:
             "prompts/token_offsets": plan.offsets,
         }.items():
             group.create_array(name, data=data, chunks=(max(1, min(len(data), 1 << 20)),))
-        group.attrs[layout.ATTRS_KEY] = meta
-        staging.rename(path)
+        group.attrs.put({layout.ATTRS_KEY: meta})  # replaces the creating mark
+        if staging != path:
+            staging.rename(path)
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        storage.remove_tree(staging)
         raise CubeError(f"cannot write a cube at '{path}': {exc.strerror or exc}; choose a writable --out") from None
 
 
@@ -249,6 +262,72 @@ class _Writer:
             raise error
 
 
+@dataclass
+class Prepared:
+    """A capture ready to run: its plan, where the cube is, and the chunk ranges still to write."""
+
+    plan: _Plan
+    location: Path | str
+    pending: list[tuple[int, int]]  # [first chunk, end chunk) ranges not yet written
+    done: list[list[int]]  # chunk ranges already written (the cube's progress.done_chunks)
+    complete: bool
+
+    @property
+    def n_chunks(self) -> int:
+        return layout.n_chunks(int(self.plan.offsets[-1]), self.plan.settings["chunk_tokens"])
+
+    def tokens(self, first_chunk: int, end_chunk: int) -> tuple[int, int]:
+        chunk, n_tokens = self.plan.settings["chunk_tokens"], int(self.plan.offsets[-1])
+        return first_chunk * chunk, min(end_chunk * chunk, n_tokens)
+
+
+def prepare(
+    model: Model,
+    prompts: str | Sequence[str],
+    out: str | Path,
+    *,
+    sites: Sequence[str] = ("layers.*.resid_post",),
+    dtype: str = "float16",
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    context_length: int | None = None,
+    attention: bool = False,
+    seed: int = 0,
+    chunk_tokens: int = 1024,
+    padding_side: str = "right",
+) -> Prepared:
+    """Plan a capture and create its cube (or check that the cube at `out` is this capture, to resume it)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    plan = _plan(
+        model, prompts, sites, dtype, batch_size, max_tokens, context_length, attention, chunk_tokens, padding_side
+    )
+    fingerprint = plan.fingerprint(model.weights_sha256())
+    location = storage.location(out)
+    meta = None
+    if storage.exists(storage.join(location, "zarr.json")):
+        if _CREATING in zarr.open_group(storage.zarr_store(location, read_only=True), mode="r").attrs:
+            pass  # a remote creation that was killed: create again
+        else:
+            meta = read_attrs(location)
+            if meta.get("fingerprint") != fingerprint:
+                raise CubeError(
+                    f"'{location}' holds a different capture (other model, prompts or settings); "
+                    "choose another --out or delete it"
+                )
+    elif storage.exists(location) and not storage.is_url(location) and any(Path(location).iterdir()):
+        raise CubeError(f"'{location}' exists and is not a cube; choose another --out or delete it")
+    if meta is None:
+        meta = _metadata(model, plan, fingerprint, seed)
+        _create(location, model, plan, meta)
+    elif not storage.is_url(location):
+        for leftover in Path(location).rglob("*.partial"):  # temporary files of writes a killed run did not finish
+            leftover.unlink()
+    n_chunks = layout.n_chunks(int(plan.offsets[-1]), chunk_tokens)
+    done = layout.done_chunks(meta["progress"], chunk_tokens)
+    return Prepared(plan, location, layout.missing(done, n_chunks), done, meta["status"] == layout.STATUS_COMPLETE)
+
+
 def capture(
     model: Model | str,
     prompts: str | Sequence[str],
@@ -265,35 +344,49 @@ def capture(
     padding_side: str = "right",
     progress: bool = True,
 ) -> Cube:
-    """Record `sites` on `prompts` into an activation cube at `out` and return it opened.
+    """Record `sites` on `prompts` into an activation cube at `out` (a folder or an fsspec URL) and return it opened.
 
     Re-running with the same arguments resumes an unfinished cube, or returns a finished one as it is.
+    modelrecon.scale.capture.capture_on_ray does the same on a Ray cluster, with an identical result.
     """
     if isinstance(model, str):
         from modelrecon.models.loading import load
 
         model = load(model)
-    if isinstance(prompts, str):
-        prompts = [prompts]
     torch.manual_seed(seed)
-    plan = _plan(
-        model, prompts, sites, dtype, batch_size, max_tokens, context_length, attention, chunk_tokens, padding_side
-    )
-    fingerprint = plan.fingerprint(model.weights_sha256())
-    path = Path(out)
-    if path.exists():
-        meta = read_attrs(path)
-        if meta.get("fingerprint") != fingerprint:
-            raise CubeError(
-                f"'{path}' holds a different capture (other model, prompts or settings); "
-                "choose another --out or delete it"
-            )
-        if meta["status"] == layout.STATUS_COMPLETE:
-            return Cube(path)
-    else:
-        _create(path, model, plan, _metadata(model, plan, fingerprint, seed))
-    _stream(model, plan, path, progress)
-    return Cube(path)
+    job = prepare(model, prompts, out, sites=sites, dtype=dtype, batch_size=batch_size, max_tokens=max_tokens,
+                  context_length=context_length, attention=attention, seed=seed, chunk_tokens=chunk_tokens,
+                  padding_side=padding_side)  # fmt: skip
+    if not job.complete:
+        group = zarr.open_group(storage.zarr_store(job.location), mode="r+")
+        n_tokens = int(job.plan.offsets[-1])
+        done_tokens = n_tokens - sum(b - a for a, b in (job.tokens(*r) for r in job.pending))
+        with token_progress(n_tokens, done_tokens, enabled=progress) as advance:
+            for first, end in job.pending:
+                start, stop = job.tokens(first, end)
+                write_tokens(model, job.plan, job.location, start, stop,
+                             on_chunk=lambda a, b: record(group, [[a, b]]), advance=advance)  # fmt: skip
+        finish(group)
+    return Cube(job.location)
+
+
+def record(group, ranges: list[list[int]]) -> dict:
+    """Add written chunk ranges to the cube's progress (the coordinator's job: one writer of metadata)."""
+    meta = dict(group.attrs[layout.ATTRS_KEY])
+    settings = meta["capture"]
+    done = layout.merge(layout.done_chunks(meta["progress"], settings["chunk_tokens"]) + ranges)
+    meta["progress"] = layout.progress(done, settings["chunk_tokens"], settings["n_tokens"])
+    group.attrs[layout.ATTRS_KEY] = meta
+    return meta
+
+
+def finish(group) -> None:
+    meta = dict(group.attrs[layout.ATTRS_KEY])
+    settings = meta["capture"]
+    chunks = layout.n_chunks(settings["n_tokens"], settings["chunk_tokens"])
+    meta["progress"] = layout.progress([[0, chunks]] if chunks else [], settings["chunk_tokens"], settings["n_tokens"])
+    meta["status"] = layout.STATUS_COMPLETE
+    group.attrs[layout.ATTRS_KEY] = meta
 
 
 class _ChunkBuffers:
@@ -324,47 +417,57 @@ class _ChunkBuffers:
         self.pool.put(buffers)
 
 
-def _stream(model: Model, plan: _Plan, path: Path, show_progress: bool) -> None:
-    for leftover in path.rglob("*.partial"):  # temporary files of writes a killed run did not finish
-        leftover.unlink()
-    group = zarr.open_group(path, mode="r+")
-    meta = dict(group.attrs[layout.ATTRS_KEY])
+def write_tokens(
+    model: Model,
+    plan: _Plan,
+    location: Path | str,
+    start: int,
+    stop: int,
+    on_chunk: Callable[[int, int], None] | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> None:
+    """Compute and write tokens [start, stop) of the cube: `start` is chunk-aligned and `stop` is too, or the end.
+
+    The batches are the capture's fixed batches (prompt order, batch size) that hold these tokens, so any range
+    written by any process is bit-identical to the same range of a single-process capture. Only these tokens, and
+    the attention of prompts starting in the range, are written. `on_chunk(first, end)` is called (on the writer
+    thread) after chunks [first, end) are on storage.
+    """
+    group = zarr.open_group(storage.zarr_store(location), mode="r+")
     offsets, chunk = plan.offsets, plan.settings["chunk_tokens"]
-    n_tokens, batch_size = int(offsets[-1]), plan.settings["batch_size"]
-    written = int(meta["progress"]["tokens_written"])
+    batch_size = plan.settings["batch_size"]
+    if start % chunk or (stop % chunk and stop != int(offsets[-1])) or not 0 <= start < stop <= int(offsets[-1]):
+        raise ValueError(f"token range {start}..{stop} is not chunk-aligned in a cube of {int(offsets[-1])} tokens")
     arrays = {kind: (group[f"sites/{kind}"], group[f"summaries/{kind}"]) for kind in plan.kinds}
     dtype = _DTYPES[plan.settings["dtype"]]
     pool = _ChunkBuffers(
         {kind: values.shape[1:] for kind, (values, _) in arrays.items()}, chunk, dtype, len(layout.STATS)
     )
     need_logits = "logits" in plan.kinds
-    record = plan.site_names + [f"layers.{i}.attn.pattern" for i in plan.pattern_layers]
+    record_sites = plan.site_names + [f"layers.{i}.attn.pattern" for i in plan.pattern_layers]
     site_lists = {kind: [site_name(kind, layer) for layer in layers] for kind, layers in plan.kinds.items()}
-    # Resume at the batch holding the first unwritten token; batches are fixed by prompt order and batch size.
-    first_batch = int(np.searchsorted(offsets[batch_size::batch_size], written, side="right"))
+    # The batch holding `start`, and the first prompt past `stop`; batches are fixed by prompt order and batch size.
+    first_batch = int(np.searchsorted(offsets[batch_size::batch_size], start, side="right"))
+    end_prompt = int(np.searchsorted(offsets, stop, side="left"))
     writer = _Writer()
-    buffers, chunk_start, filled = pool.take(writer), written, 0  # chunk_start is chunk-aligned (or the end)
+    buffers, chunk_start, filled = pool.take(writer), start, 0
 
-    def send(final: bool) -> None:
+    def send() -> None:
         nonlocal buffers, chunk_start, filled
-        full, start, stop = buffers, chunk_start, chunk_start + filled
+        full, begin, end = buffers, chunk_start, chunk_start + filled
 
         def job() -> None:
             try:
                 for kind, (values, summaries) in arrays.items():
-                    if stop > start:
-                        values[start:stop] = full[kind][0][: stop - start].numpy()
-                        summaries[start:stop] = full[kind][1][: stop - start].numpy()
+                    values[begin:end] = full[kind][0][: end - begin].numpy()
+                    summaries[begin:end] = full[kind][1][: end - begin].numpy()
             finally:
                 pool.give_back(full)
-            meta["progress"] = {"tokens_written": stop}
-            if final:
-                meta["status"] = layout.STATUS_COMPLETE
-            group.attrs[layout.ATTRS_KEY] = meta
+            if on_chunk is not None:
+                on_chunk(begin // chunk, -(-end // chunk))
 
         writer.put(job)
-        if not final:
-            buffers, chunk_start, filled = pool.take(writer), stop, 0
+        buffers, chunk_start, filled = pool.take(writer), end, 0
 
     def add(kind_values: dict[str, torch.Tensor]) -> None:
         """Append one prompt's tokens ([tokens, layers, units] fp32 per kind), sending chunks as they fill."""
@@ -378,38 +481,42 @@ def _stream(model: Model, plan: _Plan, path: Path, show_progress: bool) -> None:
                 buffers[kind][1][filled : filled + take] = layout.summarise(part)
             filled += take
             done += take
-            if filled == chunk:
-                send(final=False)
+            if filled == chunk or chunk_start + filled == stop:
+                send()
 
     try:
-        with token_progress(n_tokens, written, enabled=show_progress) as advance:
-            for start in range(first_batch * batch_size, len(plan.token_ids), batch_size):
-                prompt_ids = list(range(start, min(start + batch_size, len(plan.token_ids))))
-                batch = model.batch_from_ids([plan.token_ids[i] for i in prompt_ids], plan.settings["padding_side"])
-                with (
-                    torch.inference_mode(),
-                    hooked(model, batch, record=record, dtype=torch.float32, device="cpu") as trace,
-                ):
-                    model.forward(batch, logits=need_logits)
-                    for j, prompt in enumerate(prompt_ids):
-                        skip = max(0, written - int(offsets[prompt]))  # tokens already on disk (resumed batch)
-                        if skip < len(plan.token_ids[prompt]):
-                            add(
-                                {
-                                    kind: torch.stack([trace.acts[n][j].flatten(1) for n in names], dim=1)[skip:]
-                                    for kind, names in site_lists.items()
-                                }
-                            )
-                        if plan.pattern_layers:
-                            patterns = (
-                                torch.stack([trace.acts[f"layers.{i}.attn.pattern"][j] for i in plan.pattern_layers])
-                                .to(dtype)
-                                .numpy()
-                            )
-                            writer.put(lambda p=prompt, a=patterns: _write_pattern(group, p, a))
-                advance(int(offsets[prompt_ids[-1] + 1]) - max(written, int(offsets[prompt_ids[0]])))
-            send(final=True)
-            writer.close()
+        for first in range(first_batch * batch_size, end_prompt, batch_size):
+            prompt_ids = list(range(first, min(first + batch_size, len(plan.token_ids))))
+            batch = model.batch_from_ids([plan.token_ids[i] for i in prompt_ids], plan.settings["padding_side"])
+            with (
+                torch.inference_mode(),
+                hooked(model, batch, record=record_sites, dtype=torch.float32, device="cpu") as trace,
+            ):
+                model.forward(batch, logits=need_logits)
+                for j, prompt in enumerate(prompt_ids):
+                    lo, hi = int(offsets[prompt]), int(offsets[prompt + 1])
+                    # The prompt's patterns are queued before its tokens, so they are on storage before the chunk
+                    # holding its first token is recorded as done.
+                    if plan.pattern_layers and start <= lo < stop:
+                        patterns = (
+                            torch.stack([trace.acts[f"layers.{i}.attn.pattern"][j] for i in plan.pattern_layers])
+                            .to(dtype)
+                            .numpy()
+                        )
+                        writer.put(lambda p=prompt, a=patterns: _write_pattern(group, p, a))
+                    keep = slice(max(start, lo) - lo, min(stop, hi) - lo)  # this prompt's tokens inside the range
+                    if keep.stop > keep.start:
+                        add(
+                            {
+                                kind: torch.stack([trace.acts[n][j].flatten(1) for n in names], dim=1)[keep]
+                                for kind, names in site_lists.items()
+                            }
+                        )
+            if advance is not None:
+                covered = int(offsets[prompt_ids[-1] + 1]) - int(offsets[prompt_ids[0]])
+                clipped = min(stop, int(offsets[prompt_ids[-1] + 1])) - max(start, int(offsets[prompt_ids[0]]))
+                advance(min(covered, clipped))
+        writer.close()
     except BaseException:
         # Let already queued writes finish: the progress they record stays true, and the cube resumes from there.
         try:

@@ -42,6 +42,46 @@ def summarise(values: torch.Tensor) -> torch.Tensor:
     )
 
 
+def n_chunks(n_tokens: int, chunk_tokens: int) -> int:
+    return -(-n_tokens // chunk_tokens)
+
+
+def merge(ranges: list[list[int]]) -> list[list[int]]:
+    """[first, end) chunk ranges sorted, with touching or overlapping ones joined."""
+    merged: list[list[int]] = []
+    for first, end in sorted(ranges):
+        if merged and first <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        elif end > first:
+            merged.append([first, end])
+    return merged
+
+
+def missing(done: list[list[int]], total: int) -> list[tuple[int, int]]:
+    """The chunk ranges of [0, total) not in `done` (merged ranges)."""
+    gaps, at = [], 0
+    for first, end in done:
+        if first > at:
+            gaps.append((at, first))
+        at = max(at, end)
+    return gaps + ([(at, total)] if at < total else [])
+
+
+def progress(done: list[list[int]], chunk_tokens: int, n_tokens: int) -> dict:
+    """The metadata's progress: the written chunk ranges, and the tokens of their unbroken run from the start
+    (`tokens_written`: what schema 1 readers of a partial cube may read)."""
+    done = merge(done)
+    prefix = done[0][1] if done and done[0][0] == 0 else 0
+    return {"tokens_written": min(prefix * chunk_tokens, n_tokens), "done_chunks": done}
+
+
+def done_chunks(progress: dict, chunk_tokens: int) -> list[list[int]]:
+    """The written chunk ranges of a progress record (a cube written before `done_chunks` has only the prefix)."""
+    if "done_chunks" in progress:
+        return merge([list(r) for r in progress["done_chunks"]])
+    return merge([[0, n_chunks(int(progress["tokens_written"]), chunk_tokens)]])
+
+
 def encode_strings(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Strings -> (uint8 bytes laid end to end, int64 offsets [n + 1])."""
     encoded = [t.encode("utf-8") for t in texts]

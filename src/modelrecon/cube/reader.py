@@ -11,17 +11,20 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from modelrecon import storage
 from modelrecon.cube import layout
 from modelrecon.errors import CubeError
 
 
 def read_attrs(path: str | Path) -> dict:
-    """The cube's metadata document, with a one-line CubeError when the store is missing, corrupt or not a cube."""
-    path = Path(path)
-    if not path.exists():
+    """The cube's metadata document, with a one-line CubeError when the store is missing, corrupt or not a cube.
+
+    `path` is a folder or an fsspec URL (storage.py)."""
+    path = storage.location(path)
+    if not storage.exists(path):
         raise CubeError(f"no cube at '{path}'; give the folder a capture wrote (e.g. out.zarr)")
     try:
-        meta = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+        meta = json.loads(storage.read_bytes(storage.join(path, "zarr.json")).decode("utf-8"))
         attrs = meta.get("attributes", {}).get(layout.ATTRS_KEY)
     except (OSError, ValueError, AttributeError):
         raise CubeError(f"'{path}' is not a readable Zarr store (missing or corrupt zarr.json)") from None
@@ -51,7 +54,7 @@ class Cube:
     """An activation cube on disk. Opening reads only metadata; arrays are read on demand, chunk by chunk."""
 
     def __init__(self, path: str | Path, allow_partial: bool = False) -> None:
-        self.path = Path(path)
+        self.path = storage.location(path)  # a Path, or a URL string
         self.metadata = read_attrs(self.path)
         self.complete = self.metadata["status"] == layout.STATUS_COMPLETE
         capture = self.metadata["capture"]
@@ -62,7 +65,7 @@ class Cube:
                 "re-run the capture command to resume it, or open it with allow_partial=True"
             )
         try:
-            self._group = zarr.open_group(self.path, mode="r")
+            self._group = zarr.open_group(storage.zarr_store(self.path, read_only=True), mode="r")
             self._token_offsets = self._group["prompts/token_offsets"][:]
         except Exception as exc:  # zarr raises several kinds for a damaged store
             raise CubeError(f"cube '{self.path}' is damaged ({type(exc).__name__}); capture it again") from None
@@ -223,6 +226,9 @@ class Cube:
 
     # --- display -------------------------------------------------------------------------------------------------
     def size_on_disk(self) -> int:
+        if storage.is_url(self.path):
+            fs, root = storage.filesystem(self.path)
+            return int(fs.du(root))
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
     def describe(self) -> dict:

@@ -151,9 +151,12 @@ def transcoders_by_name(model: Model, name: str) -> list[Dictionary]:
         return default_transcoders(model, built[-1] if built else "demo")
     if name in TIERS:
         return default_transcoders(model, name, build=name == "demo")
-    if not Path(name).exists() and not looks_like_hub_name(name):
-        raise BadInputError(f"--transcoders {name!r} is neither a folder, a hub name (org/repo[/path], "
-                            f"saelens:RELEASE/ID) nor one of default, {', '.join(TIERS)}")  # fmt: skip
+    from modelrecon import storage
+
+    if not storage.is_url(name) and not storage.local_path(name).exists() and not looks_like_hub_name(name):
+        raise BadInputError(f"--transcoders {name!r} is neither a folder, a URL (s3://bucket/folder), a hub "
+                            f"name (org/repo[/path], saelens:RELEASE/ID) nor one of default, "
+                            f"{', '.join(TIERS)}")  # fmt: skip
     return open_dictionaries(name)
 
 

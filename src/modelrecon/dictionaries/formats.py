@@ -10,8 +10,11 @@
   set of per-layer transcoders, `config.yaml` + `W_enc_{i}.safetensors` / `W_dec_{i}.safetensors` for a CLT.
 
 Every writer builds the folder beside the target and renames it into place, so a failure never leaves a half-written
-folder. Every reader treats the folder as untrusted: safetensors and JSON / YAML (safe_load) only, every tensor's name,
-shape and dtype checked against the config, and a one-line BadInputError saying what is wrong and what to do.
+folder. Any folder may also be an fsspec URL (s3://, gs://, ...; storage.py): a writer then builds the folder locally
+and uploads it file by file, its config (the file whose presence means "complete") last, and a reader refuses a URL
+without that config before it downloads the rest to a temporary folder. Every reader treats the folder as
+untrusted: safetensors and JSON / YAML (safe_load) only, every tensor's name, shape and dtype checked against the
+config, and a one-line BadInputError saying what is wrong and what to do.
 docs/dictionary-formats.md has the tables.
 """
 
@@ -33,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from modelrecon import storage
 from modelrecon.dictionaries.model import Dictionary, DictionaryConfig
 from modelrecon.errors import BadInputError, reason
 from modelrecon.files import json_safe
@@ -84,12 +88,19 @@ LAYER_SITE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 # --- writing folders atomically ----------------------------------------------------------------------------------
 @contextmanager
-def _atomic_folder(folder: str | Path, is_ours: Callable[[Path], bool], what: str) -> Iterator[Path]:
+def _atomic_folder(
+    folder: str | Path, is_ours: Callable[[str | Path], bool], what: str, marker: str = CONFIG_FILE
+) -> Iterator[Path]:
     """Yield an empty temporary folder beside `folder`; on success it replaces `folder`, on failure it is removed.
 
     An existing `folder` is replaced only when it is empty or `is_ours` says it holds the same kind of files: nothing
-    else is ever deleted."""
-    folder = Path(folder)
+    else is ever deleted. A URL: the folder is built in a local temporary folder, then published with `marker` (the
+    format's config) written last (storage.publish_folder)."""
+    if storage.is_url(folder):
+        with _remote_folder(str(folder).rstrip("/"), is_ours, what, marker) as temp:
+            yield temp
+        return
+    folder = storage.local_path(folder)
     if folder.exists() and not folder.is_dir():
         raise BadInputError(f"'{folder}' is a file; choose a folder path for the {what}")
     if folder.is_dir() and any(folder.iterdir()) and not is_ours(folder):
@@ -116,6 +127,37 @@ def _atomic_folder(folder: str | Path, is_ours: Callable[[Path], bool], what: st
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@contextmanager
+def _remote_folder(url: str, is_ours: Callable[[str | Path], bool], what: str, marker: str) -> Iterator[Path]:
+    if storage.is_file(url):
+        raise BadInputError(f"'{url}' is a file; choose a folder URL for the {what}")
+    if storage.list_files(url) and not is_ours(url):
+        raise BadInputError(f"'{url}' exists and does not hold a {what}; remove it or choose another URL")
+    with tempfile.TemporaryDirectory(prefix="modelrecon-") as temp:
+        try:
+            yield Path(temp)
+        except OSError as exc:
+            raise BadInputError(f"cannot write '{url}': {reason(exc)}; check the disk and the path") from None
+        try:
+            storage.publish_folder(Path(temp), url, (marker,))
+        except OSError as exc:
+            raise BadInputError(f"cannot write '{url}': {reason(exc)}; check the URL and your credentials") from None
+
+
+def _names(folder: str | Path) -> set[str]:
+    """The names in a folder (a URL: the paths of every file under it, relative to it)."""
+    if storage.is_url(folder):
+        return set(storage.list_files(folder))
+    return {p.name for p in Path(folder).iterdir()}
+
+
+def _loading(folder: str | Path, marker: str, what: str):
+    """The local folder to read: `folder` itself, or a temporary copy of a URL that holds a complete `what`."""
+    if storage.is_url(folder):
+        storage.check_complete(str(folder), (marker,), what)
+    return storage.local_copy(folder)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -259,10 +301,20 @@ def _state_to_save(dictionary: Dictionary) -> dict[str, torch.Tensor]:
     return _contiguous(state)
 
 
-def _is_own_folder(folder: Path) -> bool:
+_OWN_FILES = re.compile(rf"^((dictionary_\d+/)?({re.escape(CONFIG_FILE)}|{re.escape(WEIGHTS_FILE)}))$")
+
+
+def _is_own_folder(folder: str | Path) -> bool:
+    """A modelrecon dictionary (or set) is there; at a URL also the files an interrupted upload left (no config)."""
     try:
-        return json.loads((folder / CONFIG_FILE).read_text()).get("format") in (FORMAT, SET_FORMAT)
-    except (OSError, ValueError, AttributeError):
+        config = storage.read_bytes(storage.join(folder, CONFIG_FILE))
+    except FileNotFoundError:
+        return storage.is_url(folder) and all(_OWN_FILES.match(n) for n in _names(folder))
+    except OSError:
+        return False
+    try:
+        return json.loads(config).get("format") in (FORMAT, SET_FORMAT)
+    except (ValueError, AttributeError):
         return False
 
 
@@ -287,24 +339,25 @@ def _write_own(dictionary: Dictionary, folder: Path) -> None:
     _write_json(folder / CONFIG_FILE, config)
 
 
-def save_dictionary(dictionary: Dictionary, folder: str | Path) -> Path:
+def save_dictionary(dictionary: Dictionary, folder: str | Path) -> Path | str:
     """Save one dictionary as modelrecon's folder (`config.json` + `dictionary.safetensors`), normalisation folded.
 
     The folder is written beside its target and renamed into place; an existing modelrecon dictionary folder there is
-    replaced, any other non-empty folder is left alone (BadInputError)."""
-    folder = Path(folder)
+    replaced, any other non-empty folder is left alone (BadInputError). `folder` may be a URL (module docstring)."""
+    folder = storage.location(folder)
     with _atomic_folder(folder, _is_own_folder, "modelrecon dictionary folder") as temp:
         _write_own(dictionary, temp)
     return folder
 
 
-def save_dictionaries(dictionaries: Sequence[Dictionary], folder: str | Path) -> Path:
+def save_dictionaries(dictionaries: Sequence[Dictionary], folder: str | Path) -> Path | str:
     """Save several dictionaries (e.g. a transcoder per layer) as one folder: an index `config.json` and a
-    modelrecon dictionary folder `dictionary_{i}` for each, in the given order."""
+    modelrecon dictionary folder `dictionary_{i}` for each, in the given order. `folder` may be a URL (module
+    docstring): the index `config.json` is written last."""
     dictionaries = list(dictionaries)
     if not dictionaries:
         raise BadInputError("no dictionaries to save; pass at least one")
-    folder = Path(folder)
+    folder = storage.location(folder)
     with _atomic_folder(folder, _is_own_folder, "modelrecon dictionary folder") as temp:
         entries = []
         for i, dictionary in enumerate(dictionaries):
@@ -341,8 +394,12 @@ def _not_ours_hint(folder: Path) -> str:
 
 
 def load_dictionary(folder: str | Path) -> Dictionary:
-    """Load one dictionary saved by `save_dictionary` (a folder of several: use `load_dictionaries`)."""
-    folder = Path(folder)
+    """Load one dictionary saved by `save_dictionary` (a folder of several: use `load_dictionaries`); a folder or a
+    URL."""
+    if storage.is_url(folder):
+        with _loading(folder, CONFIG_FILE, "modelrecon dictionary folder") as local:
+            return load_dictionary(local)
+    folder = storage.local_path(folder)
     if not folder.is_dir():
         raise BadInputError(f"'{folder}' is not a folder; pass a dictionary folder written by save_dictionary")
     if not (folder / CONFIG_FILE).is_file():
@@ -381,8 +438,11 @@ def load_dictionary(folder: str | Path) -> Dictionary:
 
 def load_dictionaries(folder: str | Path) -> list[Dictionary]:
     """Every dictionary in a folder: a set written by `save_dictionaries` (in its order), or a single dictionary's
-    folder (a list of one)."""
-    folder = Path(folder)
+    folder (a list of one); a folder or a URL."""
+    if storage.is_url(folder):
+        with _loading(folder, CONFIG_FILE, "modelrecon dictionary folder") as local:
+            return load_dictionaries(local)
+    folder = storage.local_path(folder)
     path = folder / CONFIG_FILE
     if not path.is_file():
         return [load_dictionary(folder)]  # its error says what the folder is
@@ -469,7 +529,7 @@ def _saelens_architecture(config: DictionaryConfig) -> str:
 
 def export_saelens(
     dictionary: Dictionary, folder: str | Path, *, model_name: str | None = None, hook_name: str | None = None
-) -> Path:
+) -> Path | str:
     """Write a SAELens 6 folder (`cfg.json` + `sae_weights.safetensors`) loadable with `SAE.load_from_disk(folder)`.
 
     SAEs (relu -> `standard`, topk -> `topk`, jumprelu and batchtopk -> `jumprelu`) and per-layer transcoders
@@ -518,12 +578,12 @@ def export_saelens(
         cfg.update(k=c.k, rescale_acts_by_decoder_norm=False)
     if c.kind != "sae":
         cfg["d_out"] = c.d_out
-    folder = Path(folder)
+    folder = storage.location(folder)
 
-    def is_saelens(path: Path) -> bool:
-        return {p.name for p in path.iterdir()} <= {SAELENS_CONFIG, SAELENS_WEIGHTS, "sparsity.safetensors"}
+    def is_saelens(path: str | Path) -> bool:
+        return _names(path) <= {SAELENS_CONFIG, SAELENS_WEIGHTS, "sparsity.safetensors"}
 
-    with _atomic_folder(folder, is_saelens, "SAELens folder") as temp:
+    with _atomic_folder(folder, is_saelens, "SAELens folder", SAELENS_CONFIG) as temp:
         save_file(_contiguous(tensors), str(temp / SAELENS_WEIGHTS))
         _write_json(temp / SAELENS_CONFIG, cfg)
     return folder
@@ -545,8 +605,12 @@ def import_saelens(folder: str | Path, site: str | tuple[str, str] | None = None
 
     Architectures: standard, topk, jumprelu, transcoder, skip_transcoder, jumprelu_transcoder,
     jumprelu_skip_transcoder. The sites come from `metadata.modelrecon` (folders written by `export_saelens`), else
-    from `site` (a site, or (input site, output site) for a transcoder), else from the TransformerLens hook name."""
-    folder = Path(folder)
+    from `site` (a site, or (input site, output site) for a transcoder), else from the TransformerLens hook name.
+    `folder` may be a URL."""
+    if storage.is_url(folder):
+        with _loading(folder, SAELENS_CONFIG, "SAELens folder") as local:
+            return import_saelens(local, site)
+    folder = storage.local_path(folder)
     cfg_path, weights = folder / SAELENS_CONFIG, folder / SAELENS_WEIGHTS
     cfg = _read_json(cfg_path, "SAELens folder")
     return _saelens_dictionary(cfg, cfg_path, lambda: _read_safetensors(weights, "SAELens folder"), weights, site)
@@ -715,7 +779,7 @@ def export_circuit_tracer(
     *,
     model_name: str | None = None,
     scan: str | None = None,
-) -> Path:
+) -> Path | str:
     """Write a circuit-tracer transcoder folder.
 
     - a list of per-layer transcoders (or skip transcoders), one per layer from 0, the same sites and width at every
@@ -793,13 +857,14 @@ def export_circuit_tracer(
             "dictionaries": [json_safe(d.config.to_dict()) for d in dictionaries],
         },
     }
-    folder = Path(folder)
+    folder = storage.location(folder)
     pattern = re.compile(r"^(config\.yaml|layer_\d+\.safetensors|W_(enc|dec)_\d+\.safetensors)$")
 
-    def is_circuit_tracer(path: Path) -> bool:
-        return (path / CIRCUIT_TRACER_CONFIG).is_file() and all(pattern.match(p.name) for p in path.iterdir())
+    def is_circuit_tracer(path: str | Path) -> bool:
+        names = _names(path)  # at a URL, an interrupted upload's files (without config.yaml) count as ours too
+        return (CIRCUIT_TRACER_CONFIG in names or storage.is_url(path)) and all(pattern.match(n) for n in names)
 
-    with _atomic_folder(folder, is_circuit_tracer, "circuit-tracer folder") as temp:
+    with _atomic_folder(folder, is_circuit_tracer, "circuit-tracer folder", CIRCUIT_TRACER_CONFIG) as temp:
         for name, tensors in files.items():
             save_file(_contiguous(tensors), str(temp / name))
         text = yaml.safe_dump(json.loads(json.dumps(config, default=str)), sort_keys=False)
@@ -823,8 +888,12 @@ def import_circuit_tracer(folder: str | Path, layer_files: Sequence[Path] | None
     Kinds, activations, sites and provenance come from the `modelrecon` entry of folders written by
     `export_circuit_tracer`; otherwise from the hooks (see the docs' table), with ReLU, or JumpReLU where there is a
     threshold. `layer_files`: the per-layer files where the config lists them elsewhere (its `transcoders`, which
-    `dictionaries.hub` downloads); GemmaScope's `params.npz` files are read too."""
-    folder = Path(folder)
+    `dictionaries.hub` downloads); GemmaScope's `params.npz` files are read too. `folder` may be a URL (without
+    `layer_files`)."""
+    if storage.is_url(folder) and layer_files is None:
+        with _loading(folder, CIRCUIT_TRACER_CONFIG, "circuit-tracer folder") as local:
+            return import_circuit_tracer(local)
+    folder = storage.local_path(folder)
     cfg_path = folder / CIRCUIT_TRACER_CONFIG
     cfg = _read_yaml(cfg_path, "circuit-tracer folder")
     model_kind = cfg.get("model_kind")

@@ -10,6 +10,8 @@ What `--transcoders` and `--dict` accept:
   `mntss/transcoder-Llama-3.2-1B`, `mwhanna/gemma-scope-transcoders`), else `cfg.json` (SAELens), else `params.npz`
   (GemmaScope), else `config.json` (modelrecon), in that subfolder;
 - `hf://org/repo/path`: the same, for one path;
+- any other URL (`s3://bucket/folder`, `gs://...`, `file:///...`; storage.py): a folder as above on that storage,
+  refused when its config (written last) is missing, then read from a temporary copy;
 - `saelens:RELEASE/SAE_ID` (e.g. `saelens:gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82`): SAELens's
   directory when sae_lens is installed, else the GemmaScope releases below, whose SAE ids are paths in their repos.
 
@@ -24,6 +26,7 @@ import os
 import re
 from pathlib import Path
 
+from modelrecon import storage
 from modelrecon.dictionaries.model import Dictionary
 from modelrecon.errors import BadInputError
 
@@ -45,7 +48,14 @@ def looks_like_hub_name(name: str) -> bool:
 def open_dictionaries(name: str | os.PathLike) -> list[Dictionary]:
     """The dictionaries `name` names (see the module docstring); one-line BadInputErrors for what cannot be read."""
     text = str(name)
-    path = Path(text).expanduser()
+    if storage.is_url(text) and not text.startswith("hf://"):  # hf:// names a hub path, read through the cache
+        from modelrecon.dictionaries import formats
+
+        markers = (formats.CIRCUIT_TRACER_CONFIG, formats.SAELENS_CONFIG, formats.CONFIG_FILE)
+        storage.check_complete(text, markers, "dictionary folder")
+        with storage.local_copy(text) as folder:
+            return _folder(folder)
+    path = storage.local_path(text).expanduser()
     if path.is_dir():
         return _folder(path)
     if path.is_file():
@@ -61,7 +71,7 @@ def open_dictionaries(name: str | os.PathLike) -> list[Dictionary]:
         repo, sub, revision = _parse_repo(text)
         return _from_repo(repo, sub, revision)
     raise BadInputError(f"{text!r} is neither a folder nor a dictionary name (org/repo[/path][@revision], "
-                        f"hf://org/repo/path, saelens:RELEASE/SAE_ID)")  # fmt: skip
+                        f"hf://org/repo/path, saelens:RELEASE/SAE_ID) nor a URL (s3://bucket/folder)")  # fmt: skip
 
 
 def _folder(folder: Path) -> list[Dictionary]:
@@ -159,8 +169,9 @@ def _own_set(repo: str, prefix: str, revision: str | None, config: Path) -> list
         index = json.loads(config.read_text())
     except (OSError, ValueError) as exc:
         raise BadInputError(f"'{config}' is not JSON ({exc})") from None
-    members = [f"dictionary_{i}/" for i in range(int(index.get("count", 0) or 0))] if isinstance(index, dict) and \
-        index.get("format") == "modelrecon-dictionary-set" else [""]  # fmt: skip
+    listed = index.get("dictionaries") if isinstance(index, dict) else None  # save_dictionaries' index of members
+    members = [f"dictionary_{i}/" for i in range(len(listed) if isinstance(listed, list) else 0)] if isinstance(
+        index, dict) and index.get("format") == "modelrecon-dictionary-set" else [""]  # fmt: skip
     for member in members:
         for name in ("config.json", "dictionary.safetensors"):
             _download(repo, prefix + member + name, revision)

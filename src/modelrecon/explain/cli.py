@@ -27,7 +27,7 @@ def parse_features(text: str) -> list[tuple[int, int]]:
     return features
 
 
-def graph_feature_nodes(path: Path, top: int | None = None) -> list[tuple[int, int]]:
+def graph_feature_nodes(path: str | Path, top: int | None = None) -> list[tuple[int, int]]:
     """The (layer, feature) pairs of a graph.json's feature nodes, most influential first (`top` of them)."""
     from modelrecon.circuits.graph_file import load_graph
     from modelrecon.circuits.prune import node_influence
@@ -50,9 +50,11 @@ def client(spec: str, timeout: float, concurrency: int):
 
 def explain(
     cube: Annotated[
-        Path, typer.Option(help="a cube of mlp.in activations (modelrecon capture --sites 'layers.*.mlp.in')")
+        str, typer.Option(help="a cube of mlp.in activations (modelrecon capture --sites 'layers.*.mlp.in')")
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="the explanations file to write (resumed when it exists)")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="the explanations file to write (resumed when it exists; path or URL)")
+    ],
     dictionary: Annotated[
         str,
         typer.Option(
@@ -62,7 +64,7 @@ def explain(
     ] = "default",
     features: Annotated[str | None, typer.Option(help="LAYER/FEATURE pairs: 3/17,29/394")] = None,
     graph: Annotated[
-        Path | None, typer.Option(help="a trace's graph.json: explain its features and label the graph")
+        str | None, typer.Option(help="a trace's graph.json (path or URL): explain its features and label the graph")
     ] = None,  # fmt: skip
     top: Annotated[int | None, typer.Option(min=1, help="with --graph: only its N most influential features")] = None,
     explainer: Annotated[str, typer.Option(help=f"who writes explanations: {SpecHelp}")] = "lexical",
@@ -104,7 +106,9 @@ def explain(
     print_summary(document)
     stdout.print(f"wrote {out}", markup=False)
     if graph is not None:
-        nodes, dashboards = label_trace(document, graph.parent)
+        from modelrecon import storage
+
+        nodes, dashboards = label_trace(document, storage.parent(storage.location(graph)))
         stdout.print(f"labelled {nodes} nodes of {graph}" + (f" and {dashboards} dashboards" if dashboards else ""),
                      markup=False)  # fmt: skip
     if neuronpedia is not None:

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modelrecon import storage
 from modelrecon.circuits.replacement import ReplacementModel
 from modelrecon.cube.reader import Cube
 from modelrecon.errors import BadInputError
-from modelrecon.files import write_text_atomic
 
 SCHEMA = "modelrecon-features"
 VERSION = 1
@@ -128,8 +128,11 @@ def feature_dashboards(
             "tokens": cube.n_tokens, "features": out}  # fmt: skip
 
 
-def save_dashboards(dashboards: dict, path: str | Path) -> Path:
-    return write_text_atomic(path, json.dumps(dashboards, allow_nan=False))
+def save_dashboards(dashboards: dict, path: str | Path) -> Path | str:
+    """Write features.json whole (atomically replaced; one object at an fsspec URL); returns the path."""
+    path = storage.location(path)
+    storage.write_bytes(path, json.dumps(dashboards, allow_nan=False).encode("utf-8"))
+    return path
 
 
 def graph_features(graph) -> list[tuple[int, int]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from modelrecon import storage
 from modelrecon.errors import BadInputError
 from modelrecon.explain.examples import FeatureExamples, sample_examples, split_prompts
 from modelrecon.explain.lexical import lexical_explanation
@@ -73,7 +74,7 @@ def explain_features(
     for client in (explainer, judge):
         if client is not None and not isinstance(client, str):
             _preflight(client)
-    out = Path(out)
+    out = storage.location(out)  # a path or an fsspec URL
     explainer_name = LEXICAL if explainer is None else explainer.name
     judge_name = judge if isinstance(judge, str) else judge.name
     document = resumable(out, rm.model.name, explainer_name, PROMPT_VERSION) or new_document(

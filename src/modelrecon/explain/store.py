@@ -4,6 +4,8 @@ document written atomically after every batch, so a killed run leaves the featur
 `{"schema": "modelrecon-explanations", "version": 1, "model", "dictionary", "cube", "explainer": {"name",
 "prompt_version"}, "judge", "created", "updated", "features": {"LAYER_FEATURE": {"layer", "feature", "explanation",
 "frequency", "scores": {"detection": {"score", "control", "n", "judge", "auc"}, ...}, "error"?}}}`
+
+Paths may be fsspec URLs (storage.py): there each write is one whole object.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import json
 import time
 from pathlib import Path
 
+from modelrecon import storage
 from modelrecon.errors import BadInputError
-from modelrecon.files import write_text_atomic
 
 SCHEMA = "modelrecon-explanations"
 VERSION = 1
@@ -27,10 +29,10 @@ def new_document(model: str, dictionary: str, cube: str, explainer: str, prompt_
 
 
 def load_explanations(path: str | Path) -> dict:
-    """An explanations file, checked (one-line errors for anything else)."""
-    path = Path(path)
+    """An explanations file (a path or a URL), checked (one-line errors for anything else)."""
+    path = storage.location(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_bytes(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadInputError(f"cannot read explanations {path}: {exc}") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("features"), dict):
@@ -40,14 +42,17 @@ def load_explanations(path: str | Path) -> dict:
     return data
 
 
-def save_explanations(document: dict, path: str | Path) -> Path:
+def save_explanations(document: dict, path: str | Path) -> Path | str:
+    """Write the document whole (atomically replaced; one object at a URL); returns the path (a URL as a string)."""
     document["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return write_text_atomic(path, json.dumps(document, indent=1, allow_nan=False))
+    path = storage.location(path)
+    storage.write_bytes(path, json.dumps(document, indent=1, allow_nan=False).encode("utf-8"))
+    return path
 
 
-def resumable(path: Path, model: str, explainer: str, prompt_version: str) -> dict | None:
+def resumable(path: str | Path, model: str, explainer: str, prompt_version: str) -> dict | None:
     """The existing document at `path` when it can be continued (same model, explainer and prompts), else None."""
-    if not path.exists():
+    if not storage.exists(path):
         return None
     document = load_explanations(path)
     same = (document.get("model") == model and document["explainer"].get("name") == explainer
@@ -101,16 +106,16 @@ def apply_to_graph(document: dict, graph: dict) -> int:
 
 def label_trace(document: dict, folder: str | Path) -> tuple[int, int]:
     """Write the explanations into a trace folder's graph.json (labels) and features.json (explanations and scores),
-    each rewritten atomically; returns (labelled nodes, explained dashboards)."""
-    folder = Path(folder)
+    each rewritten atomically (one whole object at a URL); returns (labelled nodes, explained dashboards)."""
+    folder = storage.location(folder)
     nodes = dashboards = 0
-    graph_path, features_path = folder / "graph.json", folder / "features.json"
-    if graph_path.is_file():
-        graph = json.loads(graph_path.read_text())
+    graph_path, features_path = storage.join(folder, "graph.json"), storage.join(folder, "features.json")
+    if storage.is_file(graph_path):
+        graph = json.loads(storage.read_bytes(graph_path))
         nodes = apply_to_graph(document, graph)
-        write_text_atomic(graph_path, json.dumps(graph, allow_nan=False))
-    if features_path.is_file():
-        features = json.loads(features_path.read_text())
+        storage.write_bytes(graph_path, json.dumps(graph, allow_nan=False).encode("utf-8"))
+    if storage.is_file(features_path):
+        features = json.loads(storage.read_bytes(features_path))
         dashboards = apply_to_dashboards(document, features)
-        write_text_atomic(features_path, json.dumps(features, allow_nan=False))
+        storage.write_bytes(features_path, json.dumps(features, allow_nan=False).encode("utf-8"))
     return nodes, dashboards

@@ -4,6 +4,9 @@ Read-only, except for a graph's annotations (pins, supernodes, labels), written 
 `NAME.annotations.json`. Every route that takes a name looks it up in the folder's index (`web.index.scan`), so no
 request can reach a file outside the folder. JSON API under `/api`, the front-end (plain JS and SVG, no third-party
 code) under `/static`; docs/viewer.md lists the routes.
+
+The folder may be an fsspec URL (`modelrecon serve s3://bucket/results`): the same routes list and read it through
+fsspec on request (web.index), cubes open through `Cube(url)`, annotations are written as whole objects.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from modelrecon import storage
 from modelrecon.errors import ModelreconError
-from modelrecon.files import write_text_atomic
 from modelrecon.web.index import Artifact, annotations_path, dashboards_path, scan
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -36,12 +39,12 @@ class ApiError(Exception):
 
 
 class Viewer:
-    """The folder, its index and small caches of opened files (keyed by path and modification time)."""
+    """The folder (or URL), its index and small caches of opened files (keyed by path and modification stamp)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root.resolve()
+    def __init__(self, root: Path | str) -> None:
+        self.root = root if storage.is_url(root) else Path(root).resolve()
         self.index, self.truncated = scan(self.root)
-        self._cache: dict[tuple[str, Path], tuple[float, object]] = {}
+        self._cache: dict[tuple[str, Path | str], tuple[object, object]] = {}
 
     def artifact(self, artifact_id: str, kind: str | tuple[str, ...]) -> Artifact:
         kinds = (kind,) if isinstance(kind, str) else kind
@@ -53,8 +56,8 @@ class Viewer:
             raise ApiError(404, f"no {' or '.join(kinds)} named {artifact_id[:200]!r} in this folder")
         return found
 
-    def cached(self, what: str, path: Path, load):
-        stamp = path.stat().st_mtime
+    def cached(self, what: str, path: Path | str, load):
+        stamp = storage.stamp(path)
         hit = self._cache.get((what, path))
         if hit is None or hit[0] != stamp:
             hit = (stamp, load(path))
@@ -62,15 +65,16 @@ class Viewer:
         return hit[1]
 
 
-def _read_json(path: Path):
-    return json.loads(path.read_text(encoding="utf-8"))
+def _read_json(path: Path | str):
+    return json.loads(storage.read_bytes(path).decode("utf-8"))
 
 
-def _load_graph(path: Path) -> dict:
-    from modelrecon.circuits.graph_file import load_graph
+def _load_graph(path: Path | str) -> dict:
+    from modelrecon.circuits.graph_file import graph_from_text
 
-    load_graph(path)  # validates every field the viewer uses (one-line error otherwise)
-    return _read_json(path)
+    text = storage.read_bytes(path).decode("utf-8")
+    graph_from_text(text, path)  # validates every field the viewer uses (one-line error otherwise)
+    return json.loads(text)
 
 
 def _int(request: Request, name: str, default: int) -> int:
@@ -91,7 +95,7 @@ async def home(request: Request) -> Response:
 async def api_index(request: Request) -> Response:
     viewer: Viewer = request.app.state.viewer
     viewer.index, viewer.truncated = scan(viewer.root)
-    return JSONResponse({"root": viewer.root.name, "truncated": viewer.truncated,
+    return JSONResponse({"root": storage.name(viewer.root), "truncated": viewer.truncated,
                          "artifacts": [a.to_dict() for a in viewer.index.values()]})  # fmt: skip
 
 
@@ -103,8 +107,8 @@ def graph_payload(artifact_id: str, graph: dict, annotations: dict, has_dashboar
 def _graph_payload(viewer: Viewer, artifact: Artifact) -> dict:
     graph = viewer.cached("graph", artifact.path, _load_graph)
     notes = annotations_path(artifact.path)
-    annotations = viewer.cached("notes", notes, _read_json) if notes.is_file() else {}
-    return graph_payload(artifact.id, graph, annotations, dashboards_path(artifact.path).is_file())
+    annotations = viewer.cached("notes", notes, _read_json) if storage.is_file(notes) else {}
+    return graph_payload(artifact.id, graph, annotations, storage.is_file(dashboards_path(artifact.path)))
 
 
 async def api_graph(request: Request) -> Response:
@@ -128,7 +132,7 @@ async def api_feature(request: Request) -> Response:
     artifact = viewer.artifact(request.path_params["id"], "graph")
     graph = viewer.cached("graph", artifact.path, _load_graph)
     path = dashboards_path(artifact.path)
-    dashboards = viewer.cached("dashboards", path, _read_json) if path.is_file() else None
+    dashboards = viewer.cached("dashboards", path, _read_json) if storage.is_file(path) else None
     return JSONResponse(feature_panel(graph, dashboards, request.query_params.get("node", "")))
 
 
@@ -193,14 +197,18 @@ async def api_annotations(request: Request) -> Response:
     data = await _json_body(request)
     graph = viewer.cached("graph", artifact.path, _load_graph)
     clean = validate_annotations(data, {n["node_id"] for n in graph["nodes"]})
-    write_text_atomic(annotations_path(artifact.path), json.dumps(clean))
-    return JSONResponse({"saved": annotations_path(artifact.path).name, **clean})
+    storage.write_bytes(annotations_path(artifact.path), json.dumps(clean).encode("utf-8"))
+    return JSONResponse({"saved": storage.name(annotations_path(artifact.path)), **clean})
 
 
-def _open_cube(path: Path):
+def _open_cube(location: Path | str):
     from modelrecon.cube.reader import Cube
 
-    return Cube(path)
+    return Cube(location)
+
+
+def _cube(viewer: Viewer, artifact: Artifact):
+    return viewer.cached("cube", storage.join(artifact.path, "zarr.json"), lambda _: _open_cube(artifact.path))
 
 
 async def api_cube(request: Request) -> Response:
@@ -209,7 +217,7 @@ async def api_cube(request: Request) -> Response:
 
     viewer: Viewer = request.app.state.viewer
     artifact = viewer.artifact(request.path_params["id"], "cube")
-    cube = viewer.cached("cube", artifact.path / "zarr.json", lambda _: _open_cube(artifact.path))
+    cube = _cube(viewer, artifact)
     kind = request.query_params.get("kind") or cube.site_kinds[0]
     metric = request.query_params.get("metric") or "norm"
     prompt = _int(request, "prompt", 0)
@@ -247,7 +255,7 @@ def attention_payload(cube, prompt: int, layer: int) -> dict:
 async def api_attention(request: Request) -> Response:
     viewer: Viewer = request.app.state.viewer
     artifact = viewer.artifact(request.path_params["id"], "cube")
-    cube = viewer.cached("cube", artifact.path / "zarr.json", lambda _: _open_cube(artifact.path))
+    cube = _cube(viewer, artifact)
     prompt, layer = _int(request, "prompt", 0), _int(request, "layer", 0)
     if not 0 <= prompt < cube.n_prompts:
         raise ApiError(404, f"no prompt {prompt}; the cube has prompts 0..{cube.n_prompts - 1}")
@@ -274,10 +282,11 @@ async def _unreadable(request: Request, exc: Exception) -> Response:
 
 
 def create_app(root: str | Path, trusted_hosts: list[str] | None = None) -> Starlette:
-    """The viewer app over `root`. `trusted_hosts`: the Host headers accepted (the loopback names when bound to
-    127.0.0.1, which keeps a web page from reaching the server through DNS rebinding); None accepts any."""
-    root = Path(root)
-    if not root.is_dir():
+    """The viewer app over `root` (a folder or an fsspec URL). `trusted_hosts`: the Host headers accepted (the
+    loopback names when bound to 127.0.0.1, which keeps a web page from reaching the server through DNS rebinding);
+    None accepts any."""
+    root = storage.location(root)
+    if not storage.is_dir(root):
         raise ModelreconError(f"{root} is not a folder; give the folder of results to serve")
     routes = [
         Route("/", home),

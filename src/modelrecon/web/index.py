@@ -5,6 +5,10 @@ Every artifact gets an id, its path relative to the folder (POSIX). The server o
 so a request can never name a file outside the folder: ids are looked up, not joined onto the folder. Symbolic links
 are not followed, hidden folders are skipped, and a JSON file is classified from its first few kilobytes (a graph is
 validated in full when it is opened).
+
+The folder may be an fsspec URL (`s3://bucket/results`; storage.py): it is then listed and read through fsspec on
+request (nothing is downloaded ahead), only keys under its prefix are listed, and keys with `.`, `..` or empty parts
+are skipped; artifacts' paths are URLs.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from modelrecon import storage
 
 MAX_FILES = 20_000  # stop scanning a huge tree; the index says it was truncated
 _SNIFF = 4096
@@ -23,21 +29,20 @@ DASHBOARDS_NAME = "features.json"
 class Artifact:
     id: str  # the path relative to the root, POSIX
     kind: str  # cube | graph | sweep | verify
-    path: Path
+    path: Path | str  # a URL when the folder is one
     title: str
 
     def to_dict(self) -> dict:
         return {"id": self.id, "kind": self.kind, "title": self.title}
 
 
-def _json_kind(path: Path) -> str | None:
+def _json_kind(path: Path | str) -> str | None:
     """Which artifact a JSON file is, from its opening bytes (the writers put the telling keys first)."""
     try:
-        with path.open("rb") as f:
-            head = f.read(_SNIFF).decode("utf-8", errors="replace")
+        head = storage.read_head(path, _SNIFF).decode("utf-8", errors="replace")
     except OSError:
         return None
-    if path.name.endswith(ANNOTATIONS_SUFFIX) or '"schema": "modelrecon-features"' in head:
+    if storage.name(path).endswith(ANNOTATIONS_SUFFIX) or '"schema": "modelrecon-features"' in head:
         return None
     if head.lstrip().startswith('{"metadata"'):  # save_graph's layout (circuit-tracer's files open the same way)
         return "graph"
@@ -52,9 +57,11 @@ def _is_cube(folder: Path) -> bool:
     return (folder / "zarr.json").is_file() and (folder / "tokens").is_dir()
 
 
-def scan(root: Path) -> tuple[dict[str, Artifact], bool]:
-    """(id -> artifact, truncated) for everything the viewer can show under `root`."""
-    root = root.resolve()
+def scan(root: Path | str) -> tuple[dict[str, Artifact], bool]:
+    """(id -> artifact, truncated) for everything the viewer can show under `root` (a folder or a URL)."""
+    if storage.is_url(root):
+        return _scan_url(str(root).rstrip("/"))
+    root = Path(root).resolve()
     found: dict[str, Artifact] = {}
     seen = 0
     for folder, dirs, files in os.walk(root, followlinks=False):
@@ -80,9 +87,40 @@ def scan(root: Path) -> tuple[dict[str, Artifact], bool]:
     return found, False
 
 
-def annotations_path(graph: Path) -> Path:
-    return graph.with_name(graph.name.removesuffix(".json") + ANNOTATIONS_SUFFIX)
+def _scan_url(url: str) -> tuple[dict[str, Artifact], bool]:
+    """`scan` of a URL prefix: one listing per folder (none inside a cube), one ranged read per JSON file."""
+    fs, base = storage.filesystem(url)
+    base = base.rstrip("/")
+    fs.invalidate_cache()  # list what is there now, not what an earlier scan saw
+    found: dict[str, Artifact] = {}
+    seen = 0
+    for folder, dirs, files in fs.walk(base, topdown=True):
+        here = "" if folder.rstrip("/") == base else storage.relative_key(folder, base)
+        if here is None:  # not strictly below the prefix
+            dirs[:] = []
+            continue
+        if here and "zarr.json" in files and "tokens" in dirs:  # a cube: its chunks are not artifacts of their own
+            dirs[:] = []
+            found[here] = Artifact(here, "cube", f"{url}/{here}", here.rsplit("/", 1)[-1])
+            continue
+        dirs[:] = sorted(d for d in dirs if d and not d.startswith(".") and "\\" not in d)
+        for name in sorted(files):
+            seen += 1
+            if seen > MAX_FILES:
+                return found, True
+            rel = f"{here}/{name}" if here else name
+            if not name.endswith(".json") or storage.relative_key(f"{base}/{rel}", base) is None:
+                continue
+            kind = _json_kind(f"{url}/{rel}")
+            if kind is not None:
+                title = rel if name != "graph.json" else here.rsplit("/", 1)[-1] or rel
+                found[rel] = Artifact(rel, kind, f"{url}/{rel}", title)
+    return found, False
 
 
-def dashboards_path(graph: Path) -> Path:
-    return graph.with_name(DASHBOARDS_NAME)
+def annotations_path(graph: Path | str) -> Path | str:
+    return storage.sibling(graph, storage.name(graph).removesuffix(".json") + ANNOTATIONS_SUFFIX)
+
+
+def dashboards_path(graph: Path | str) -> Path | str:
+    return storage.sibling(graph, DASHBOARDS_NAME)
