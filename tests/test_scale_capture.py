@@ -130,8 +130,11 @@ def test_capture_on_s3_is_interrupted_and_resumed(s3_server, model, reference, m
         capture(model, PROMPTS, url, progress=False, **SETTINGS)
     monkeypatch.undo()
     partial = Cube(url, allow_partial=True)
-    assert not partial.complete and partial.tokens_written == 2 * SETTINGS["chunk_tokens"]
-    np.testing.assert_array_equal(partial.get("resid_post", tokens=slice(0, 32)), reference.get("resid_post")[:32])
+    written = partial.tokens_written  # the two chunks, and those already queued (they finish after Ctrl-C)
+    assert not partial.complete and 2 * SETTINGS["chunk_tokens"] <= written < partial.n_tokens
+    np.testing.assert_array_equal(
+        partial.get("resid_post", tokens=slice(0, written)), reference.get("resid_post")[:written]
+    )
     cube = capture(model, PROMPTS, url, progress=False, **SETTINGS)
     assert cube.path == url
     _assert_same_cube(cube, reference)

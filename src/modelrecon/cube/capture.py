@@ -19,8 +19,6 @@ import datetime
 import hashlib
 import json
 import platform
-import queue
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -33,6 +31,7 @@ import zarr
 from modelrecon import storage
 from modelrecon.cube import layout
 from modelrecon.cube.reader import Cube, read_attrs
+from modelrecon.cube.writer import ChunkWriter
 from modelrecon.errors import BadInputError, CubeError
 from modelrecon.hooks.trace import hooked
 from modelrecon.models.model import Model
@@ -224,44 +223,6 @@ def _create(path: Path | str, model: Model, plan: _Plan, meta: dict) -> None:
         raise CubeError(f"cannot write a cube at '{path}': {exc.strerror or exc}; choose a writable --out") from None
 
 
-class _Writer:
-    """Runs write jobs in order on one thread, so compression and I/O overlap the next forward pass."""
-
-    def __init__(self) -> None:
-        self.jobs: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if self.error is None:
-                try:
-                    job()
-                except BaseException as exc:  # re-raised on the capturing thread
-                    self.error = exc
-            self.jobs.task_done()
-
-    def put(self, job: Callable[[], None]) -> None:
-        self.check()
-        self.jobs.put(job)
-
-    def close(self) -> None:
-        self.jobs.put(None)
-        self.thread.join()
-        self.check()
-
-    def check(self) -> None:
-        if self.error is not None:
-            error, self.error = self.error, None
-            if isinstance(error, OSError):
-                raise CubeError(
-                    f"writing the cube failed: {error.strerror or error}; free space or fix permissions, "
-                    "then re-run to resume"
-                ) from None
-            raise error
-
-
 @dataclass
 class Prepared:
     """A capture ready to run: its plan, where the cube is, and the chunk ranges still to write."""
@@ -389,34 +350,6 @@ def finish(group) -> None:
     group.attrs[layout.ATTRS_KEY] = meta
 
 
-class _ChunkBuffers:
-    """Chunk-sized buffers for every site kind, reused so large arrays are not re-allocated for every chunk.
-
-    A buffer set is filled token by token; when full (or at the end) it goes to the writer, which hands it back to
-    the pool after writing. Three sets suffice: one filling, one queued, one being written.
-    """
-
-    def __init__(self, shapes: dict[str, tuple[int, int]], chunk: int, dtype, n_stats: int, n_sets: int = 3) -> None:
-        self.pool: queue.Queue = queue.Queue()
-        for _ in range(n_sets):  # torch tensors: torch casts to fp16 vectorised and multi-threaded, numpy does not
-            self.pool.put(
-                {
-                    kind: (torch.empty((chunk, *shape), dtype=dtype), torch.empty((chunk, shape[0], n_stats)))
-                    for kind, shape in shapes.items()
-                }
-            )
-
-    def take(self, writer: _Writer) -> dict:
-        while True:  # a failed writer never hands buffers back: surface its error instead of waiting forever
-            try:
-                return self.pool.get(timeout=0.1)
-            except queue.Empty:
-                writer.check()
-
-    def give_back(self, buffers: dict) -> None:
-        self.pool.put(buffers)
-
-
 def write_tokens(
     model: Model,
     plan: _Plan,
@@ -430,44 +363,32 @@ def write_tokens(
 
     The batches are the capture's fixed batches (prompt order, batch size) that hold these tokens, so any range
     written by any process is bit-identical to the same range of a single-process capture. Only these tokens, and
-    the attention of prompts starting in the range, are written. `on_chunk(first, end)` is called (on the writer
-    thread) after chunks [first, end) are on storage.
+    the attention of prompts starting in the range, are written (by a writer process, cube/writer.py, while the next
+    batch runs). `on_chunk(first, end)` is called in this process once chunks [first, end) are on storage.
     """
     group = zarr.open_group(storage.zarr_store(location), mode="r+")
     offsets, chunk = plan.offsets, plan.settings["chunk_tokens"]
     batch_size = plan.settings["batch_size"]
     if start % chunk or (stop % chunk and stop != int(offsets[-1])) or not 0 <= start < stop <= int(offsets[-1]):
         raise ValueError(f"token range {start}..{stop} is not chunk-aligned in a cube of {int(offsets[-1])} tokens")
-    arrays = {kind: (group[f"sites/{kind}"], group[f"summaries/{kind}"]) for kind in plan.kinds}
+    shapes = {kind: group[f"sites/{kind}"].shape[1:] for kind in plan.kinds}
     dtype = _DTYPES[plan.settings["dtype"]]
-    pool = _ChunkBuffers(
-        {kind: values.shape[1:] for kind, (values, _) in arrays.items()}, chunk, dtype, len(layout.STATS)
-    )
     need_logits = "logits" in plan.kinds
     record_sites = plan.site_names + [f"layers.{i}.attn.pattern" for i in plan.pattern_layers]
     site_lists = {kind: [site_name(kind, layer) for layer in layers] for kind, layers in plan.kinds.items()}
     # The batch holding `start`, and the first prompt past `stop`; batches are fixed by prompt order and batch size.
     first_batch = int(np.searchsorted(offsets[batch_size::batch_size], start, side="right"))
     end_prompt = int(np.searchsorted(offsets, stop, side="left"))
-    writer = _Writer()
-    buffers, chunk_start, filled = pool.take(writer), start, 0
+    writer = ChunkWriter(location, shapes, chunk, plan.settings["dtype"], len(layout.STATS), on_chunk)
+    (index, buffers), chunk_start, filled = writer.take(), start, 0
 
     def send() -> None:
-        nonlocal buffers, chunk_start, filled
-        full, begin, end = buffers, chunk_start, chunk_start + filled
-
-        def job() -> None:
-            try:
-                for kind, (values, summaries) in arrays.items():
-                    values[begin:end] = full[kind][0][: end - begin].numpy()
-                    summaries[begin:end] = full[kind][1][: end - begin].numpy()
-            finally:
-                pool.give_back(full)
-            if on_chunk is not None:
-                on_chunk(begin // chunk, -(-end // chunk))
-
-        writer.put(job)
-        buffers, chunk_start, filled = pool.take(writer), end, 0
+        nonlocal index, buffers, chunk_start, filled
+        end = chunk_start + filled
+        writer.send(index, chunk_start, end)
+        chunk_start, filled = end, 0
+        if end < stop:
+            index, buffers = writer.take()
 
     def add(kind_values: dict[str, torch.Tensor]) -> None:
         """Append one prompt's tokens ([tokens, layers, units] fp32 per kind), sending chunks as they fill."""
@@ -503,7 +424,7 @@ def write_tokens(
                             .to(dtype)
                             .numpy()
                         )
-                        writer.put(lambda p=prompt, a=patterns: _write_pattern(group, p, a))
+                        writer.put_pattern(prompt, patterns)
                     keep = slice(max(start, lo) - lo, min(stop, hi) - lo)  # this prompt's tokens inside the range
                     if keep.stop > keep.start:
                         add(
@@ -524,8 +445,3 @@ def write_tokens(
         except Exception:  # noqa: S110 - the original error is the one to report
             pass
         raise
-
-
-def _write_pattern(group, prompt: int, patterns: np.ndarray) -> None:
-    group.create_array(f"attention/prompt_{prompt}", data=patterns, chunks=patterns.shape, overwrite=True)
-    group[f"attention/prompt_{prompt}"].attrs.update({"axes": ["layer", "head", "q", "k"]})
