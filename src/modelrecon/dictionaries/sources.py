@@ -94,18 +94,21 @@ class StreamSource:
 
     With `reuse` r > 1 each new token fills r buffer rows, so it is served r times, in different batches: the model
     runs on 1/r of the tokens trained on (its forward pass is a third to a half of a streamed run's time).
+
+    `buffer_tokens` sets the buffer's size in tokens instead (a source of some of a run's sites that must serve the
+    same rows as the whole run's source: layers trained apart, modelrecon.scale.train).
     """
 
     def __init__(self, model: Model, windows: Callable[[], Iterator[list[int]]], input_sites: list[str],
                  output_sites: list[str], batch_size: int, seed: int = 0, buffer_bytes: int = 512 * 2**20,
-                 model_batch: int = 8, reuse: int = 1) -> None:  # fmt: skip
+                 model_batch: int = 8, reuse: int = 1, buffer_tokens: int | None = None) -> None:  # fmt: skip
         if reuse < 1:
             raise BadInputError(f"reuse must be at least 1 (each token served that many times), got {reuse}")
         self.model, self.make_windows, self.reuse = model, windows, reuse
         self.input_sites, self.output_sites = input_sites, output_sites
         self.batch_size, self.model_batch = batch_size, model_batch
         per_token = 4 * sum(model.site_shape(s)[-1] for s in input_sites + output_sites)
-        self.buffer_tokens = max(2 * batch_size, buffer_bytes // per_token)
+        self.buffer_tokens = buffer_tokens or max(2 * batch_size, buffer_bytes // per_token)
         self.half = self.buffer_tokens // 2
         self.generator = torch.Generator().manual_seed(seed)
         self.windows, self.windows_used, self.epochs = windows(), 0, 0
@@ -129,10 +132,14 @@ class StreamSource:
         return chunk
 
     def _activations(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from modelrecon.hooks.trace import hooked
-
         chunk = self._next_windows()
         self.windows_used += len(chunk)
+        return self._run(chunk)
+
+    def _run(self, chunk: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x [tokens, layer, d_in]`, `y [tokens, layer, d_out]` of one model batch of windows."""
+        from modelrecon.hooks.trace import hooked
+
         sites = list(dict.fromkeys(self.input_sites + self.output_sites))
         batch = self.model.batch_from_ids(chunk)
         with torch.no_grad(), hooked(self.model, batch, record=sites, dtype=torch.float32) as trace:

@@ -13,6 +13,10 @@ running mean of the smallest activation it kept per batch.
 Checkpoints (a folder: `state.safetensors` + `state.json`) hold the dictionaries, the optimiser, the dead-
 latent counters and the source's position; `train` resumes from one when it exists, and a resumed run ends with the
 same weights as an uninterrupted one.
+
+Data-parallel training (`shard=DataShard(rank, world)`, several processes joined by torch.distributed, e.g. on Ray
+Train: modelrecon.scale.train) is this same loop: each process gets the same global batches, trains on its part of
+each, and the gradients and batch statistics are combined before every optimiser step.
 """
 
 from __future__ import annotations
@@ -82,14 +86,76 @@ def _layer_slices(dictionaries: list[Dictionary]) -> list[slice]:
     return out
 
 
-def dictionary_loss(d: Dictionary, x: torch.Tensor, y: torch.Tensor, options: TrainOptions, dead: torch.Tensor):
-    """(loss, figures, latents, pre-activations) for one batch `x [B, layer, d_in]`, `y [B, layer, d_out]`."""
+class DataShard:
+    """One process's part of a data-parallel run over `world` processes (torch.distributed initialised): it trains on
+    part `rank` of every global batch (`tensor_split`: contiguous rows), and before each optimiser step the gradients
+    are averaged over the processes (all-reduce; each loss weighted by its share of the batch, so the average is the
+    gradient of the global batch's mean) and the batch statistics combined: which latents fired (the dead-latent
+    counters), BatchTopK's threshold (the top k x batch over the whole global batch, as one process would keep) and its
+    smallest kept activation. Every process then holds the same dictionaries, the single-process ones up to float
+    summation order."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world, self.batch = rank, world, 0
+
+    def split(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's rows of a global batch `x [B, layer, d_in]`, `y [B, layer, d_out]`."""
+        self.batch = len(x)
+        return x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
+
+    def weight(self, rows: int) -> float:
+        """The loss weight of a part of `rows` rows: 1 when the batch divides evenly."""
+        return rows * self.world / self.batch
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """All-reduced mean of the gradients, in one flat buffer (the set with a gradient is the same everywhere)."""
+        import torch.distributed as dist
+
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+
+    def reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        """`t` combined over processes by `op` ('max' or 'min'), as float32 (a copy)."""
+        import torch.distributed as dist
+
+        out = t.to(torch.float32, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+        return out
+
+    def batch_topk(self, pre: torch.Tensor, k: int) -> torch.Tensor:
+        """BatchTopK's training latents `[b, layer, width]` for this part of the batch: per layer, the relu'd
+        pre-activations at or above the (k x global batch)-th largest over every process's part (each process sends
+        its own top k x batch values: the global ones are among them)."""
+        import torch.distributed as dist
+
+        relu = torch.relu(pre)
+        keep = k * self.batch
+        flat = relu.detach().movedim(-2, 0).flatten(1)  # `[layer, b x width]`
+        mine = flat.topk(min(keep, flat.shape[1]), dim=-1).values
+        mine = torch.nn.functional.pad(mine, (0, keep - mine.shape[1]), value=-1.0)  # relu values are >= 0
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine)
+        threshold = torch.cat(every, -1).topk(keep, dim=-1).values[:, -1]
+        return relu * (relu >= threshold[:, None])
+
+
+def dictionary_loss(d: Dictionary, x: torch.Tensor, y: torch.Tensor, options: TrainOptions, dead: torch.Tensor,
+                    shard: DataShard | None = None):  # fmt: skip
+    """(loss, figures, latents, pre-activations) for one batch `x [B, layer, d_in]`, `y [B, layer, d_out]` (with
+    `shard`, this process's part of a data-parallel batch)."""
     c = d.config
     pre = d.pre_activations(x)
     if c.activation == "topk":  # the decoder rows of the k active latents, not a product with a mostly-zero f
         top = d.top_latents(pre)
         y_hat = d.decode_top(top.indices, top.values, x)
         f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.detach())  # for the figures
+    elif c.activation == "batchtopk" and shard is not None:  # the threshold of the whole global batch
+        f = shard.batch_topk(pre, c.k)
+        y_hat = d.decode(f, x)
     else:
         f = d.activate(pre, training=True)
         y_hat = d.decode(f, x)
@@ -131,18 +197,22 @@ def train(
     checkpoint: str | Path | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    shard: DataShard | None = None,
+    stack: bool | None = None,
 ) -> list[Dictionary]:
     """Train one dictionary per config on `source`'s batches (`source` yields `x [B, layers, d_in]`, `y [B, layers,
     d_out]`, the configs' layers in order) on `device` (where the source's batches are moved, a no-op when they are
     made there). With `checkpoint` (a folder), the state is saved there every `options.checkpoint_every` steps and
-    at the end, and a run resumes from it when it exists."""
+    at the end, and a run resumes from it when it exists. With `shard`, this process trains its part of each batch
+    of a data-parallel run (`DataShard`). `stack`: train per-layer dictionaries as one stack (default: when there are
+    several and they have one shape; True stacks a single one too, which then runs a larger stack's kernels)."""
     from modelrecon.memory import keep_freed_memory
 
     keep_freed_memory()  # large per-step temporaries stay in the heap instead of faulting in fresh pages
     torch.manual_seed(options.seed)
     device = torch.device(device)
     dictionaries = [Dictionary(c).to(device) for c in configs]
-    stacked = len(dictionaries) > 1 and _stackable(configs)
+    stacked = (len(dictionaries) > 1 if stack is None else stack) and _stackable(configs)
     if stacked:  # one set of batched products over every layer instead of a loop over layers
         dictionaries = [Dictionary.stack(dictionaries)]
     slices = _layer_slices(dictionaries)
@@ -171,19 +241,28 @@ def train(
         while state.step < options.steps:
             x, y = first if first is not None else (t.to(device, non_blocking=True) for t in next(source))
             first = None
+            xs, ys = (x, y) if shard is None else shard.split(x, y)  # the rows this process trains on
             optimiser.zero_grad()
             total, figures = 0.0, []
             for i, (d, rows) in enumerate(zip(dictionaries, slices, strict=True)):
-                loss, fig, f, _ = dictionary_loss(d, x[:, rows], y[:, rows], options, state.dead_for[i] > dead_after)
+                dead = state.dead_for[i] > dead_after
+                loss, fig, f, _ = dictionary_loss(d, xs[:, rows], ys[:, rows], options, dead, shard)
+                if shard is not None and shard.weight(len(xs)) != 1:
+                    loss = loss * shard.weight(len(xs))
                 total = total + loss
                 figures.append(fig)
                 fired = (f > 0).any(0)
+                if shard is not None:
+                    fired = shard.reduce(fired, "max") > 0
                 state.dead_for[i] = torch.where(fired, torch.zeros_like(state.dead_for[i]),
                                                 state.dead_for[i] + len(x))  # fmt: skip
                 if d.config.activation == "batchtopk":
-                    kept = torch.where(f > 0, f, torch.full_like(f, float("inf"))).amin(dim=(0, -1))
-                    state.kept_min_sum[i] += torch.where(torch.isinf(kept), torch.zeros_like(kept), kept).detach()
+                    kept = torch.where(f > 0, f, torch.full_like(f, float("inf"))).amin(dim=(0, -1)).detach()
+                    kept = kept if shard is None else shard.reduce(kept, "min")
+                    state.kept_min_sum[i] += torch.where(torch.isinf(kept), torch.zeros_like(kept), kept)
             total.backward()
+            if shard is not None:
+                shard.average_gradients(params)
             optimiser.step()
             schedule.step()
             state.step += 1
@@ -299,6 +378,29 @@ def train_on_model(
 ) -> list[Dictionary]:
     """Train dictionaries on a model's activations, from a cube or streamed from the model run on a corpus (all
     layers from one forward pass). A `clt` is one dictionary over every matched layer; other kinds one per layer."""
+    configs = dictionary_configs(model, kind, site, width, options, activation=activation, k=k, cube=cube,
+                                 corpus=corpus, context_length=context_length)  # fmt: skip
+    source = activation_source(model, configs, options, cube=cube, corpus=corpus, context_length=context_length,
+                               buffer_bytes=buffer_bytes)  # fmt: skip
+    return train(source, configs, options, checkpoint=checkpoint, progress=progress, device=model.device)
+
+
+def dictionary_configs(
+    model,
+    kind: str,
+    site: str,
+    width: int,
+    options: TrainOptions,
+    *,
+    activation: str = "topk",
+    k: int | None = 32,
+    cube=None,
+    corpus: str = "sample",
+    context_length: int = 128,
+    provenance: dict | None = None,
+) -> list[DictionaryConfig]:
+    """The configs `train_on_model` trains (checked; their provenance records the model, data and options, and
+    `provenance`'s entries): one `clt` over every matched layer, or one dictionary per layer."""
     import datetime
 
     from modelrecon import __version__
@@ -309,10 +411,29 @@ def train_on_model(
     provenance = {"model": model.name, "weights_sha256": model.weights_sha256(), "tokens": options.tokens,
                   "data": f"cube {cube.path}" if cube is not None else f"corpus {corpus}", "seed": options.seed,
                   "options": asdict(options), "context_length": context_length, "modelrecon": __version__,
-                  "date": datetime.date.today().isoformat()}  # fmt: skip
+                  "date": datetime.date.today().isoformat()} | (provenance or {})  # fmt: skip
     groups = [pairs] if kind == "clt" else [[p] for p in pairs]
-    configs = [DictionaryConfig(kind, d_in, d_out, width, activation, k, tuple(p[0] for p in g),
-                                tuple(p[1] for p in g), provenance=provenance).check() for g in groups]  # fmt: skip
+    return [DictionaryConfig(kind, d_in, d_out, width, activation, k, tuple(p[0] for p in g),
+                             tuple(p[1] for p in g), provenance=provenance).check() for g in groups]  # fmt: skip
+
+
+def activation_source(
+    model,
+    configs: list[DictionaryConfig],
+    options: TrainOptions,
+    *,
+    cube=None,
+    corpus: str = "sample",
+    context_length: int = 128,
+    buffer_bytes: int = 512 * 2**20,
+    buffer_tokens: int | None = None,
+    stream_class=None,
+):
+    """The batches `configs` train on (their input and output sites, in order): from `cube`, or the model streamed
+    on `corpus` (`stream_class`: a StreamSource subclass; `buffer_tokens` fixes its shuffle buffer's size, which is
+    otherwise what `buffer_bytes` holds of these sites)."""
+    inputs = [s for c in configs for s in c.input_sites]
+    outputs = [s for c in configs for s in c.output_sites]
     layers = [int(s.split(".")[1]) for s in inputs]
     if cube is not None:
         from modelrecon.dictionaries.sources import CubeSource
@@ -326,6 +447,7 @@ def train_on_model(
         def windows():
             return token_stream(read_texts(corpus), model.tokenizer, context_length)
 
-        source = StreamSource(model, windows, inputs, outputs, options.batch_size, seed=options.seed,
-                              buffer_bytes=buffer_bytes, reuse=options.reuse)  # fmt: skip
-    return train(source, configs, options, checkpoint=checkpoint, progress=progress, device=model.device)
+        source = (stream_class or StreamSource)(model, windows, inputs, outputs, options.batch_size, seed=options.seed,
+                                                buffer_bytes=buffer_bytes, buffer_tokens=buffer_tokens,
+                                                reuse=options.reuse)  # fmt: skip
+    return source
