@@ -45,7 +45,9 @@ base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 cube = mr.capture(model, make_prompts(n_prompts), out, sites=["layers.*.resid_post"], dtype="float16",
                   batch_size=8, context_length=128, progress=False)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"tokens": cube.n_tokens, "base_kb": base_rss, "peak_kb": peak, "bytes": cube.size_on_disk()}))
+writer = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the writer process (it has exited)
+print(json.dumps({"tokens": cube.n_tokens, "base_kb": base_rss, "peak_kb": peak, "writer_kb": writer,
+                  "bytes": cube.size_on_disk()}))
 """
 
 
@@ -121,7 +123,8 @@ def main() -> None:
         print(
             f"memory {label:>2} = {run['tokens']:>6} tokens: peak RSS {run['peak_kb'] / 1024:,.0f} MiB "
             f"(model loaded: {run['base_kb'] / 1024:,.0f} MiB, "
-            f"growth {(run['peak_kb'] - run['base_kb']) / 1024:,.0f} MiB)"
+            f"growth {(run['peak_kb'] - run['base_kb']) / 1024:,.0f} MiB; writer process peak "
+            f"{run['writer_kb'] / 1024:,.0f} MiB, mostly the model's pages it shares after the fork)"
         )
     print(f"peak RSS 4N / N: {large['peak_kb'] / small['peak_kb']:.3f} (goal < 1.20)")
     print(

@@ -134,6 +134,10 @@ def _write_loop(location, path, layout, chunk, n_stats, dtype, n_sets, jobs, don
     from modelrecon import storage
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the capture, which then lets this finish
+    # Lowest priority: the forward pass's threads wait for each other at every op, so a writer taking a core from
+    # one of them stalls all; at nice 19 it runs in the gaps (Python dispatch, single-threaded ops) and, when there
+    # are none, the capture waits for a free buffer instead.
+    os.nice(19)
     parent = os.getppid()
     group = zarr.open_group(storage.zarr_store(location), mode="r+")
     arrays = {kind: (group[f"sites/{kind}"], group[f"summaries/{kind}"]) for kind, _ in layout}
