@@ -74,7 +74,11 @@ class ChunkWriter:
         self.jobs, self.done = context.Queue(), context.Queue()
         args = (str(location), self.path, self.layout, chunk, n_stats, dtype, n_sets, self.jobs, self.done)
         self.process = context.Process(target=_write_loop, args=args, daemon=True, name="modelrecon-cube-writer")
-        self.process.start()
+        try:
+            self.process.start()
+            self._collect(block=True)  # "ready": the writer has mapped the buffers
+        finally:
+            Path(self.path).unlink(missing_ok=True)  # the mappings stay; nothing is left behind if either dies
 
     def take(self) -> tuple[int, dict]:
         """A free buffer set (index, {kind: (values, summaries)}); waits for the writer to free one."""
@@ -103,7 +107,6 @@ class ChunkWriter:
             self.process.join(timeout=60)
             if self.process.is_alive():
                 self.process.kill()
-            Path(self.path).unlink(missing_ok=True)
 
     def _collect(self, block: bool) -> None:
         while True:
@@ -118,6 +121,8 @@ class ChunkWriter:
             if message[0] == "error":
                 self.pending = 0
                 raise CubeError(message[1])
+            if message[0] == "ready":
+                return
             _, index, begin, end = message
             self.pending -= 1
             self.free.append(index)
@@ -139,9 +144,10 @@ def _write_loop(location, path, layout, chunk, n_stats, dtype, n_sets, jobs, don
     # are none, the capture waits for a free buffer instead.
     os.nice(19)
     parent = os.getppid()
+    views = _views(path, layout, chunk, n_stats, dtype, n_sets, "r")
+    done.put(("ready",))
     group = zarr.open_group(storage.zarr_store(location), mode="r+")
     arrays = {kind: (group[f"sites/{kind}"], group[f"summaries/{kind}"]) for kind, _ in layout}
-    views = _views(path, layout, chunk, n_stats, dtype, n_sets, "r")
     failed = False
     while True:
         try:
