@@ -30,6 +30,8 @@ from modelrecon.explain.store import label_trace, load_explanations, new_documen
 from modelrecon.web.app import create_app
 from test_graph import random_dag
 
+from conftest import cli
+
 
 def _dictionaries(n=2, width=24, d=16, seed=0, kind="skip-transcoder", activation="jumprelu"):
     generator = torch.Generator().manual_seed(seed)
@@ -300,3 +302,22 @@ def test_serve_command_serves_a_url(remote_site, monkeypatch, capsys):
         main(["serve", f"{remote_site['bucket']}/nothing"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"{remote_site['bucket']}/nothing is not a folder" in err
+
+
+def test_cli_trains_to_a_url_and_resumes_from_a_cube_there(bucket, tiny_llama_folder, capsys):
+    """`train --out s3://...` from a cube on S3: the dictionaries land there and load back; its checkpoint folder (in
+    the user cache, keyed by the URL) is gone once the result is written."""
+    cube = f"{bucket}/acts.zarr"
+    code, _, err = cli(capsys, "capture", "--model", tiny_llama_folder, "--text", "Hello there, world! " * 8,
+                           "--sites", "layers.0.resid_post", "--out", cube)  # fmt: skip
+    assert code == 0, err
+    out = f"{bucket}/sae"
+    code, stdout, err = cli(capsys, "train", "--model", tiny_llama_folder, "--site", "layers.0.resid_post",
+                                "--width", "16", "--k", "4", "--tokens", "256", "--batch-size", "64", "--cube", cube,
+                                "--out", out)  # fmt: skip
+    assert code == 0 and "wrote 1 dictionary" in stdout, err
+    from modelrecon.cli import _checkpoint_folder
+
+    assert not _checkpoint_folder(out).exists()
+    [loaded] = open_dictionaries(out)
+    assert loaded.config.input_sites == ("layers.0.resid_post",) and loaded.config.width == 16

@@ -13,7 +13,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from modelrecon.cli_common import TRANSCODERS_HELP, DeviceOption, DtypeOption, ModelOption, load_model, stdout
+from modelrecon.cli_common import (
+    TRANSCODERS_HELP,
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    RayOption,
+    WorkersOption,
+    load_model,
+    stdout,
+)
 from modelrecon.errors import BadInputError, ModelreconError
 from modelrecon.models.embedded import DEFAULT_MODEL, EMBEDDED
 
@@ -82,7 +91,7 @@ def _split_patterns(values: list[str]) -> list[str]:
 
 @app.command()
 def capture(
-    out: Annotated[Path, typer.Option("--out", "-o", help="the cube folder to write (e.g. run.zarr)")],
+    out: Annotated[str, typer.Option("--out", "-o", help="the cube to write: a folder (run.zarr) or a URL (s3://...)")],
     model: ModelOption = DEFAULT_MODEL,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
@@ -97,28 +106,29 @@ def capture(
     context_length: Annotated[int | None, typer.Option(min=1, help="truncate each prompt to this many tokens")] = None,
     attention: Annotated[bool, typer.Option("--attention", help="also store attention patterns")] = False,
     chunk_tokens: Annotated[int, typer.Option(min=1, help="tokens per stored chunk")] = 1024,
+    ray: RayOption = None,
+    workers: WorkersOption = None,
 ) -> None:
-    """Record sites on prompts into an activation cube; re-run the same command to resume after an interruption."""
-    from modelrecon.cube.capture import capture as capture_cube
+    """Record sites on prompts into an activation cube; re-run the same command to resume after an interruption.
+    With --ray, workers of a Ray cluster write the same cube (on a shared folder or object storage)."""
     from modelrecon.cube.prompts import read_prompts
 
     if (text is None) == (prompts is None):
         raise BadInputError("give either --text TEXT (repeatable) or --prompts FILE")
     prompt_list = list(text) if text else read_prompts(prompts)
-    loaded = load_model(model, device, dtype)
+    settings = dict(sites=_split_patterns(sites or ["layers.*.resid_post"]), dtype=store_dtype, batch_size=batch_size,
+                    max_tokens=max_tokens, context_length=context_length, attention=attention,
+                    chunk_tokens=chunk_tokens)  # fmt: skip
     try:
-        cube = capture_cube(
-            loaded,
-            prompt_list,
-            out,
-            sites=_split_patterns(sites or ["layers.*.resid_post"]),
-            dtype=store_dtype,
-            batch_size=batch_size,
-            max_tokens=max_tokens,
-            context_length=context_length,
-            attention=attention,
-            chunk_tokens=chunk_tokens,
-        )
+        if ray is not None:
+            from modelrecon.scale.capture import capture_on_ray
+
+            cube = capture_on_ray(model, prompt_list, out, address=ray, workers=workers, device=device,
+                                  model_dtype=dtype, **settings)  # fmt: skip
+        else:
+            from modelrecon.cube.capture import capture as capture_cube
+
+            cube = capture_cube(load_model(model, device, dtype), prompt_list, out, **settings)
     except KeyboardInterrupt:
         Console(stderr=True).print(f"interrupted: re-run the same command to resume {out}", markup=False)
         sys.exit(130)
@@ -554,7 +564,7 @@ def _experiment_html(kind: str, data: dict, out: Path) -> Path:
 
 @app.command("train")
 def train_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="the dictionary folder to write")],
+    out: Annotated[str, typer.Option("--out", "-o", help="the dictionary folder to write (a path or a URL)")],
     kind: Annotated[str, typer.Option(help="sae, transcoder, skip-transcoder or clt")] = "sae",
     site: Annotated[str, typer.Option(help="sae: a site or glob (layers.*.resid_post); others: layers.N.mlp")] = (
         "layers.*.resid_post"
@@ -566,7 +576,7 @@ def train_command(
     model: ModelOption = DEFAULT_MODEL,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
-    cube: Annotated[Path | None, typer.Option(help="train from this cube's stored activations")] = None,
+    cube: Annotated[str | None, typer.Option(help="train from this cube's stored activations (a path or URL)")] = None,
     corpus: Annotated[
         str, typer.Option(help="or stream the model on this text (.txt/.jsonl/.parquet, a corpus folder, or 'sample')")
     ] = "sample",  # fmt: skip
@@ -583,9 +593,20 @@ def train_command(
     reuse: Annotated[
         int, typer.Option(min=1, help="streamed: train on each token this many times (the model runs on 1/N)")
     ] = 1,
+    ray: RayOption = None,
+    workers: WorkersOption = None,
+    ray_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-mode",
+            help="with --ray: data (each worker trains on part of every batch; the default) or layers (per-layer "
+            "dictionaries shared out by layer)",
+        ),
+    ] = None,
 ) -> None:
     """Train SAEs or transcoders (per layer, skip, or cross-layer) on the model's activations. Checkpoints go to
-    .OUT.checkpoint beside OUT; the same command resumes from there after a kill."""
+    .OUT.checkpoint beside OUT; the same command resumes from there after a kill. With --ray, Ray Train workers
+    train instead (data parallel or by layer; no checkpoints)."""
     import shutil
 
     from modelrecon.dictionaries.formats import save_dictionaries
@@ -593,15 +614,28 @@ def train_command(
 
     if cube is not None and corpus != "sample":
         raise BadInputError("give --cube or --corpus, not both")
+    if ray is None and (workers is not None or ray_mode is not None):
+        raise BadInputError("--workers and --ray-mode need --ray ADDRESS (local: a Ray cluster on this machine)")
     options = TrainOptions(tokens=tokens, batch_size=batch_size, lr=lr, l1=l1, l0=l0, seed=seed,
                            checkpoint_every=checkpoint_every, bf16=bf16, reuse=reuse)  # fmt: skip
+    if ray is not None:
+        from modelrecon.scale.train import train_on_ray
+
+        dictionaries = train_on_ray(model, kind, site, width, options, activation=activation, k=k, cube=cube,
+                                    corpus=corpus, context_length=context_length, ray_address=ray, workers=workers,
+                                    mode=ray_mode or "data", device=device, dtype=dtype)  # fmt: skip
+        save_dictionaries(dictionaries, out)
+        run = dictionaries[0].config.provenance["ray"]
+        stdout.print(f"wrote {len(dictionaries)} dictionar{'y' if len(dictionaries) == 1 else 'ies'} to {out} "
+                     f"(Ray: {run['workers']} workers, {run['mode']})", markup=False)  # fmt: skip
+        return
     loaded = load_model(model, device, dtype)
     cube_obj = None
     if cube is not None:
         from modelrecon.cube.reader import Cube
 
         cube_obj = Cube(cube)
-    checkpoint = out.parent / f".{out.name}.checkpoint"
+    checkpoint = _checkpoint_folder(out)
     dictionaries = train_on_model(loaded, kind, site, width, options, activation=activation, k=k, cube=cube_obj,
                                   corpus=corpus, context_length=context_length, checkpoint=checkpoint)  # fmt: skip
     save_dictionaries(dictionaries, out)
@@ -609,6 +643,20 @@ def train_command(
     stdout.print(
         f"wrote {len(dictionaries)} dictionar{'y' if len(dictionaries) == 1 else 'ies'} to {out}", markup=False
     )
+
+
+def _checkpoint_folder(out: str) -> Path:
+    """Training checkpoints: beside a local OUT; for a URL, in the user cache (keyed by the URL), so a kill resumes."""
+    from modelrecon import storage
+
+    if not storage.is_url(out):
+        out = storage.local_path(out)
+        return out.parent / f".{out.name}.checkpoint"
+    import hashlib
+
+    from modelrecon.models.loading import cache_root
+
+    return cache_root() / "checkpoints" / hashlib.sha256(out.encode()).hexdigest()[:16]
 
 
 @app.command("transcoders")
@@ -632,8 +680,14 @@ def transcoders_command(
 
 @app.command()
 def trace(
-    prompt: Annotated[str, typer.Argument(help="the prompt to trace")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="the folder to write graph.json into")],
+    prompt: Annotated[str | None, typer.Argument(help="the prompt to trace (or --prompts FILE)")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="the folder to write graph.json into (--prompts: NNNN/...)")
+    ] = None,  # fmt: skip
+    prompts: Annotated[
+        Path | None,
+        typer.Option("--prompts", help='many prompts: .txt (one a line) or .jsonl ({"prompt", "target"?, "wrong"?})'),
+    ] = None,
     model: ModelOption = DEFAULT_MODEL,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
@@ -664,43 +718,45 @@ def trace(
     explainer: Annotated[
         str, typer.Option(help="with --explain: lexical (instant), local[:MODEL] or openai:URL#MODEL")
     ] = "lexical",  # fmt: skip
+    ray: RayOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Attribution graph of PROMPT: input tokens -> transcoder features (or heads and MLPs) -> output, pruned, with
-    its strongest paths and a causal check (the graph's top nodes ablated against as many random ones)."""
-    from modelrecon.circuits.check import strongest_paths
-    from modelrecon.circuits.graph_file import save_graph
-    from modelrecon.circuits.prune import prune_graph
-    from modelrecon.dictionaries.defaults import default_transcoders_folder
+    its strongest paths and a causal check (the graph's top nodes ablated against as many random ones).
 
-    if level not in ("auto", "features", "components"):
-        raise BadInputError(f"--level must be auto, features or components, not {level!r}")
+    With --prompts FILE: every prompt traced into OUT/NNNN/graph.json, with OUT/summary.json and OUT/summary.csv;
+    re-run the same command to resume (a prompt whose graph exists is skipped). --ray spreads the prompts over Ray
+    workers, each loading the model once."""
+    from modelrecon.circuits.batch import TraceSource
+
+    if (prompt is None) == (prompts is None):
+        raise BadInputError("give either a PROMPT or --prompts FILE")
+    if out is None:
+        raise BadInputError("give --out DIR: the folder to write the graph" + ("s" if prompts else "") + " into")
+    source = TraceSource(model, transcoders, level, device, dtype)  # checks --level
     if explain and cube is None:
         raise BadInputError("--explain needs --cube CUBE (the text the features' examples come from)")
-    loaded = load_model(model, device, dtype)
-    if level == "auto":
-        has_transcoders = transcoders != "default" or default_transcoders_folder(loaded) is not None
-        level = "features" if has_transcoders else "components"
-        if level == "components":
-            stdout.print(f"{loaded.name} has no default transcoders: tracing heads and MLPs (EAP-IG); pass "
-                         "--transcoders DIR for a feature graph", markup=False)  # fmt: skip
-    if level == "components":
-        from modelrecon.circuits.components import component_check, component_graph
+    if prompts is not None:
+        _trace_batch(source, prompts, out, target, wrong, counterfactual, cube, ray, workers,
+                     max_features=max_features, check_features=check_features, batch_size=batch_size)  # fmt: skip
+        return
+    if ray is not None or workers is not None:
+        raise BadInputError("--ray and --workers trace many prompts: give --prompts FILE")
+    from modelrecon.circuits.check import strongest_paths
+    from modelrecon.circuits.graph_file import save_graph
+    from modelrecon.circuits.tracing import trace as trace_prompt
 
-        graph = component_graph(loaded, prompt, target=target, wrong=wrong, counterfactual=counterfactual)
-        check = component_check(loaded, graph, n_components=min(check_features, loaded.n_layers))
-    else:
-        from modelrecon.circuits.attribute import attribute
-        from modelrecon.circuits.check import causal_check
-        from modelrecon.circuits.replacement import ReplacementModel
-        from modelrecon.dictionaries.defaults import transcoders_by_name
-
-        rm = ReplacementModel(loaded, transcoders_by_name(loaded, transcoders))
+    loaded, rm, note = source.load()
+    level = "components" if rm is None else "features"
+    if note:
+        stdout.print(note, markup=False)
+    if level == "features":
         corpus_cube = _open_cube_for(cube, loaded.name)
-        graph = attribute(loaded, prompt, rm, target=target, wrong=wrong, max_feature_nodes=max_features,
-                          batch_size=batch_size)  # fmt: skip
-        check = causal_check(rm, rm.clean(graph.token_ids), graph, n_features=check_features)
-    pruned = prune_graph(graph)
-    pruned.metadata["causal_check"] = check.to_dict()
+    traced = trace_prompt(loaded, prompt, rm, target=target, wrong=wrong,
+                          counterfactual=counterfactual if level == "components" else None,
+                          max_feature_nodes=max_features, batch_size=batch_size,
+                          check_features=check_features)  # fmt: skip
+    graph, pruned, check = traced.graph, traced.pruned, traced.check
     out.mkdir(parents=True, exist_ok=True)
     path = save_graph(pruned, out / "graph.json")
     stdout.print(f"{graph.n_nodes} nodes, {len(graph.weights)} edges -> pruned to {pruned.n_nodes} nodes, "
@@ -724,6 +780,55 @@ def trace(
         if explain:
             _label_trace(rm, corpus_cube, pruned, out, explainer, transcoders)
     stdout.print(f"view it: modelrecon serve {out}", markup=False)
+
+
+def _trace_batch(source, prompts: Path, out: Path, target, wrong, counterfactual, cube, ray, workers,
+                 **options) -> None:  # fmt: skip
+    """`trace --prompts`: every prompt's graph into OUT/NNNN/graph.json and a summary table (circuits.batch)."""
+    from dataclasses import replace
+
+    from modelrecon.circuits.batch import TraceOptions, read_batch_prompts, trace_batch
+
+    if cube is not None:
+        raise BadInputError("--cube and --explain work on one PROMPT; trace it on its own for dashboards")
+    if counterfactual is not None:
+        raise BadInputError('with --prompts, give each prompt its counterfactual in the JSONL ("counterfactual")')
+    if workers is not None and ray is None:
+        raise BadInputError("--workers needs --ray ADDRESS (local: a Ray cluster on this machine)")
+    items = [replace(p, target=p.target if p.target is not None else target,
+                     wrong=p.wrong if p.wrong is not None else wrong) for p in read_batch_prompts(prompts)]  # fmt: skip
+    trace_options = TraceOptions(max_feature_nodes=options["max_features"], batch_size=options["batch_size"],
+                                 check_features=options["check_features"])  # fmt: skip
+
+    def started(summary) -> None:
+        if summary.note:
+            stdout.print(summary.note, markup=False)
+
+    try:
+        summary = trace_batch(source, items, out, trace_options, ray=ray, workers=workers, on_start=started)
+    except KeyboardInterrupt:
+        Console(stderr=True).print(f"interrupted: re-run the same command to resume {out}", markup=False)
+        sys.exit(130)
+    where = "this process" if summary.workers is None else f"{summary.workers} Ray worker(s)"
+    title = f"{summary.model} ({summary.level}): {len(summary.rows)} prompts, {where}"
+    table = Table("#", "prompt", "target", "nodes", "edges", "pruned", "edge check", "causal: top", "predicted",
+                  "random", "s", title=title)  # fmt: skip
+    for row in summary.rows:
+        edge_error = row["edge_check_error"]
+        table.add_row(str(row["index"]), escape(repr(row["prompt"][:40])), escape(repr(row["target"])),
+                      str(row["nodes"]), str(row["edges"]), f"{row['pruned_nodes']} / {row['pruned_edges']}",
+                      "" if edge_error is None else f"{edge_error:.1e}", _signed(row["causal_top_change"]),
+                      _signed(row["causal_top_predicted"]), _signed(row["causal_random_mean"]),
+                      "resumed" if row["seconds"] is None else f"{row['seconds']:.1f}")  # fmt: skip
+    stdout.print(table)
+    resumed = sum(r["status"] == "resumed" for r in summary.rows)
+    stdout.print(f"traced {len(summary.rows) - resumed} prompt(s), {resumed} already done, in {summary.seconds:.1f} s; "
+                 f"wrote {out / 'summary.json'} and {out / 'summary.csv'}", markup=False)  # fmt: skip
+    stdout.print(f"view them: modelrecon serve {out}", markup=False)
+
+
+def _signed(value) -> str:
+    return "" if value is None else f"{value:+.3f}"
 
 
 def _label_trace(rm, cube, graph, out: Path, explainer: str, transcoders: str) -> None:
@@ -755,16 +860,19 @@ def _open_cube_for(path: Path | None, model_name: str):
 
 @app.command()
 def serve(
-    folder: Annotated[Path, typer.Argument(help="the folder of results to view (cubes, graphs, experiments)")],
+    folder: Annotated[
+        str, typer.Argument(help="the folder of results to view (cubes, graphs, experiments); a path or a URL")
+    ],
     port: Annotated[int, typer.Option(min=1, max=65535, help="the port")] = 8765,
     host: Annotated[str, typer.Option(help="the address to bind (127.0.0.1: this machine only)")] = "127.0.0.1",
 ) -> None:
     """Serve the offline viewer over FOLDER: graphs, feature dashboards, cube heatmaps and attention, experiments."""
     import uvicorn
 
+    from modelrecon import storage
     from modelrecon.web.app import LOOPBACK_HOSTS, create_app
 
-    if not folder.is_dir():
+    if not storage.is_dir(folder):
         raise BadInputError(f"{folder} is not a folder; give the folder of results to view (e.g. demo-output)")
     import socket
 

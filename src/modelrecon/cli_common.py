@@ -13,7 +13,7 @@ stdout = Console(soft_wrap=True)
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="embedded name, local folder, .gguf file or hub id")]
 DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, mps or auto (a GPU when present)")]
 TRANSCODERS_HELP = (
-    "a tier (demo, standard), default, a folder, a circuit-tracer config.yaml, org/repo[/path][@rev] or "
+    "a tier (demo, standard), default, a folder, a circuit-tracer config.yaml, org/repo\\[/path]\\[@rev] or "
     "saelens:RELEASE/ID"
 )
 DtypeOption = Annotated[str, typer.Option("--dtype", help="the model's weights: float32, bfloat16 or float16")]

@@ -104,6 +104,16 @@ class NodeIndex:
         return self.keys.index(("logit", token))
 
 
+def prompt_ids(model: Model, prompt: str) -> list[int]:
+    """The prompt's token ids, refused in one line when it is longer than the positions the model was trained on."""
+    ids = model.encode(prompt)
+    limit = getattr(model.hf.config, "max_position_embeddings", None)
+    if limit is not None and len(ids) > limit:
+        raise BadInputError(f"the prompt is {len(ids):,} tokens and {model.name} was trained on at most {limit:,} "
+                            f"positions; trace a shorter prompt")  # fmt: skip
+    return ids
+
+
 def attribute(
     model: Model,
     prompt: str,
@@ -117,23 +127,25 @@ def attribute(
     batch_size: int = 32,
     rank_every: int = 4,
     progress: bool = True,
+    clean: CleanRun | None = None,
 ) -> Graph:
     """The attribution graph of `prompt` (see the module docstring). `target`: one target token instead of the top
     logits; with `wrong` too, the target is the logit difference logit(target) - logit(wrong). `transcoders`: the
     dictionaries, or a ReplacementModel already built on them (which the caller can then reuse). Under a budget
     smaller than the active features, the pending features are re-ranked by influence every `rank_every` batches
     (circuit-tracer's `update_interval`, 4). `batch_size`: rows per pass over the whole prompt (a pass over fewer
-    positions takes proportionally more rows, the same memory)."""
+    positions takes proportionally more rows, the same memory). `clean`: the replacement model's clean run of the
+    prompt (`rm.clean(prompt_ids(model, prompt))`) when the caller has it already and needs it again afterwards
+    (the causal check does): it is read, never changed."""
     if wrong is not None and target is None:
         raise BadInputError("a logit-difference target needs --target as well as --wrong")
     start = time.perf_counter()
     rm = transcoders if isinstance(transcoders, ReplacementModel) else ReplacementModel(model, transcoders)
-    ids = model.encode(prompt)
-    limit = getattr(model.hf.config, "max_position_embeddings", None)
-    if limit is not None and len(ids) > limit:
-        raise BadInputError(f"the prompt is {len(ids):,} tokens and {model.name} was trained on at most {limit:,} "
-                            f"positions; trace a shorter prompt")  # fmt: skip
-    clean = rm.clean(ids)  # O(pos) memory: what the rest needs is estimated from it before any row is computed
+    ids = prompt_ids(model, prompt)
+    if clean is None:
+        clean = rm.clean(ids)  # O(pos) memory: what the rest needs is estimated from it before any row is computed
+    elif list(clean.ids) != ids:
+        raise ValueError("the clean run given to attribute() is not of this prompt")
     logits = logit_targets(model, clean, target, max_logits, cumulative)
     wrong_id = None if wrong is None else single_token(model, wrong)
     index = NodeIndex.build(clean, [t for t, _ in logits])

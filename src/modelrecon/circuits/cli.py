@@ -11,7 +11,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from modelrecon.cli_common import TRANSCODERS_HELP, DeviceOption, DtypeOption, ModelOption, load_model, stdout
+from modelrecon.cli_common import (
+    TRANSCODERS_HELP,
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    RayOption,
+    WorkersOption,
+    stdout,
+)
 from modelrecon.models.embedded import DEFAULT_MODEL
 
 
@@ -34,24 +42,28 @@ def graph_eval(
     max_features: Annotated[int, typer.Option("--max-features", min=1, help="feature rows per graph")] = 1000,
     check_features: Annotated[int, typer.Option(min=1, help="features ablated by each causal check")] = 10,
     limit: Annotated[int | None, typer.Option(min=1, help="only the first N prompts")] = None,
+    ray: RayOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Graph quality on held-out prompts: each traced to its answer, scored (replacement, completeness, errors'
-    share, influence through features, top input tokens, subject's share) and checked by intervention."""
-    from modelrecon.circuits.evaluate import evaluate_graphs, read_prompts
-    from modelrecon.circuits.replacement import ReplacementModel
-    from modelrecon.dictionaries.defaults import transcoders_by_name
+    share, influence through features, top input tokens, subject's share) and checked by intervention. With --ray,
+    the prompts are spread over Ray workers that each load the model once; the report is the same."""
+    from modelrecon.circuits.batch import TraceSource
+    from modelrecon.circuits.evaluate import evaluate_batch, read_prompts
+    from modelrecon.errors import BadInputError
     from modelrecon.files import write_text_atomic
 
+    if workers is not None and ray is None:
+        raise BadInputError("--workers needs --ray ADDRESS (local: a Ray cluster on this machine)")
     chosen = read_prompts(prompts)[:limit]
-    loaded = load_model(model, device, dtype)
-    rm = ReplacementModel(loaded, transcoders_by_name(loaded, transcoders))
-    report = evaluate_graphs(loaded, rm, chosen, transcoders, max_feature_nodes=max_features,
-                             check_features=check_features)  # fmt: skip
+    source = TraceSource(model, transcoders, "features", device, dtype)
+    report = evaluate_batch(source, chosen, max_feature_nodes=max_features, check_features=check_features,
+                            ray=ray, workers=workers)  # fmt: skip
     data = report.to_dict()
     columns = {"replacement": "replacement", "completeness": "completeness", "error_share": "error share",
                "through_features": "via features", "subject_share": "subject share", "subject_top": "subject top",
                "causal_agrees": "causal agrees", "causal_accounted": "accounted (median)"}  # fmt: skip
-    table = Table("prompts", "n", *columns.values(), title=f"graph quality of {transcoders} on {loaded.name}")
+    table = Table("prompts", "n", *columns.values(), title=f"graph quality of {transcoders} on {report.model}")
     for name, row in [*data["by_kind"].items(), ("all", data["average"])]:
         table.add_row(name, str(row["prompts"]), *(_figure(row[k]) for k in columns))
     stdout.print(table)

@@ -176,28 +176,71 @@ class EvalReport:
                 "by_kind": self.by_kind(), "prompts": self.rows}  # fmt: skip
 
 
+def check_answers(model, prompts: list[EvalPrompt]) -> list[int]:
+    """Each prompt's answer as one token id: a bad answer fails before the long work."""
+    from modelrecon.circuits.attribute import single_token
+
+    return [single_token(model, p.answer) for p in prompts]
+
+
+def evaluate_prompt(model, rm, prompt: EvalPrompt, max_feature_nodes: int = 1000, check_features: int = 10) -> dict:
+    """One prompt's row of the report: traced to its answer, scored, and checked by intervention (the clean run of
+    the replacement model computed once, for both)."""
+    from modelrecon.circuits.attribute import attribute, prompt_ids, single_token
+    from modelrecon.circuits.check import causal_check
+
+    answer = single_token(model, prompt.answer)
+    clean = rm.clean(prompt_ids(model, prompt.prompt))
+    graph = attribute(model, prompt.prompt, rm, target=prompt.answer, max_feature_nodes=max_feature_nodes,
+                      progress=False, clean=clean)  # fmt: skip
+    subject = subject_positions(graph.tokens, prompt.prompt, prompt.subject) if prompt.subject else None
+    quality = graph_quality(graph, subject)
+    check = causal_check(rm, clean, graph, n_features=check_features)
+    return {"prompt": prompt.prompt, "answer": prompt.answer, "kind": prompt.kind, "subject": prompt.subject,
+            "correct": int(clean.logits.argmax()) == answer, **quality.to_dict(), "causal": check.to_dict(),
+            "nodes": graph.n_nodes, "edge_check_error": graph.metadata["edge_check_error"]}  # fmt: skip
+
+
+def _progress_status(row: dict) -> str:
+    return f"replacement {row['replacement']:.2f} completeness {row['completeness']:.2f}"
+
+
 def evaluate_graphs(model, rm, prompts: list[EvalPrompt], transcoders: str = "", max_feature_nodes: int = 1000,
                     check_features: int = 10, progress: bool = True) -> EvalReport:  # fmt: skip
     """Trace each prompt to its answer (`attribute` with `target=answer`), score the graph and run its causal
-    check. A prompt the model does not answer (greedy) is still traced; its row says `correct: false`."""
-    from modelrecon.circuits.attribute import attribute, single_token
-    from modelrecon.circuits.check import causal_check
+    check (`evaluate_prompt`). A prompt the model does not answer (greedy) is still traced; its row says
+    `correct: false`."""
     from modelrecon.progress import token_progress
 
-    answers = [single_token(model, p.answer) for p in prompts]  # a bad answer fails before the long work
+    check_answers(model, prompts)
     report = EvalReport(model.name, transcoders)
     bar = token_progress(len(prompts), enabled=progress, label="graph-eval", unit="prompts", rate_unit="prompt")
     with bar as advance:
-        for p, answer in zip(prompts, answers, strict=True):
-            graph = attribute(model, p.prompt, rm, target=p.answer, max_feature_nodes=max_feature_nodes,
-                              progress=False)  # fmt: skip
-            clean = rm.clean(graph.token_ids)
-            subject = subject_positions(graph.tokens, p.prompt, p.subject) if p.subject else None
-            quality = graph_quality(graph, subject)
-            check = causal_check(rm, clean, graph, n_features=check_features)
-            report.rows.append({"prompt": p.prompt, "answer": p.answer, "kind": p.kind, "subject": p.subject,
-                                "correct": int(clean.logits.argmax()) == answer, **quality.to_dict(),
-                                "causal": check.to_dict(), "nodes": graph.n_nodes,
-                                "edge_check_error": graph.metadata["edge_check_error"]})  # fmt: skip
-            advance(1, f"replacement {quality.replacement:.2f} completeness {quality.completeness:.2f}")
+        for p in prompts:
+            report.rows.append(evaluate_prompt(model, rm, p, max_feature_nodes, check_features))
+            advance(1, _progress_status(report.rows[-1]))
     return report
+
+
+def evaluate_batch(source, prompts: list[EvalPrompt], max_feature_nodes: int = 1000, check_features: int = 10,
+                   progress: bool = True, ray: str | None = None, workers: int | None = None,
+                   ) -> EvalReport:  # fmt: skip
+    """`evaluate_graphs` on the model and transcoders of `source` (a `circuits.batch.TraceSource`), in this process
+    or, with `ray` ('local', 'auto' or an address), on a pool of Ray actors that each load them once and evaluate one
+    prompt at a time; the report is assembled here, in the prompts' order, with the same figures."""
+    from dataclasses import replace
+
+    source = replace(source, level="features")
+    if ray is None:
+        model, rm, _ = source.load()
+        return evaluate_graphs(model, rm, prompts, source.transcoders_label, max_feature_nodes, check_features,
+                               progress)  # fmt: skip
+    from modelrecon.progress import token_progress
+    from modelrecon.scale.graphs import evaluate_on_ray
+
+    options = {"max_feature_nodes": max_feature_nodes, "check_features": check_features}
+    bar = token_progress(len(prompts), enabled=progress, label="graph-eval", unit="prompts", rate_unit="prompt")
+    with bar as advance:
+        name, rows = evaluate_on_ray(source, prompts, options, lambda row: advance(1, _progress_status(row)),
+                                     address=ray, workers=workers)  # fmt: skip
+    return EvalReport(name, source.transcoders_label, rows)

@@ -17,6 +17,8 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,6 +134,14 @@ class ChunkWriter:
                 return
 
 
+def _exit_with(parent: int) -> None:
+    """Exit when the capture is killed: nothing will record what this would write (and a message it was sending
+    when it died would block the reading loop forever)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
+
+
 def _write_loop(location, path, layout, chunk, n_stats, dtype, n_sets, jobs, done) -> None:
     """The writer process: store each job in order, report each chunk; exits at None or when its parent dies."""
     import zarr
@@ -143,19 +153,14 @@ def _write_loop(location, path, layout, chunk, n_stats, dtype, n_sets, jobs, don
     # one of them stalls all; at nice 19 it runs in the gaps (Python dispatch, single-threaded ops) and, when there
     # are none, the capture waits for a free buffer instead.
     os.nice(19)
-    parent = os.getppid()
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     views = _views(path, layout, chunk, n_stats, dtype, n_sets, "r")
     done.put(("ready",))
     group = zarr.open_group(storage.zarr_store(location), mode="r+")
     arrays = {kind: (group[f"sites/{kind}"], group[f"summaries/{kind}"]) for kind, _ in layout}
     failed = False
     while True:
-        try:
-            job = jobs.get(timeout=5)
-        except queue.Empty:
-            if os.getppid() != parent:
-                return  # the capture was killed: nothing will record what this would write
-            continue
+        job = jobs.get()
         if job is None:
             return
         if failed:
