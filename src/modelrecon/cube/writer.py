@@ -149,10 +149,6 @@ def _write_loop(location, path, layout, chunk, n_stats, dtype, n_sets, jobs, don
     from modelrecon import storage
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the capture, which then lets this finish
-    # Lowest priority: the forward pass's threads wait for each other at every op, so a writer taking a core from
-    # one of them stalls all; at nice 19 it runs in the gaps (Python dispatch, single-threaded ops) and, when there
-    # are none, the capture waits for a free buffer instead.
-    os.nice(19)
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     views = _views(path, layout, chunk, n_stats, dtype, n_sets, "r")
     done.put(("ready",))
