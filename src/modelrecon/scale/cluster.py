@@ -20,15 +20,15 @@ def connect(address: str | None = LOCAL, num_cpus: int | None = None):
         import ray
     except ImportError:
         raise BadInputError("--ray needs Ray: pip install 'modelrecon[scale]'") from None
+    if address in (None, LOCAL):
+        address = os.environ.get("RAY_ADDRESS")
+    if address not in (None, "auto"):
+        _check_reachable(address)  # Ray itself retries an unreachable address for minutes
     if ray.is_initialized():
         return ray
     options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    if address in (None, LOCAL):
-        address = os.environ.get("RAY_ADDRESS")
-        if address is None:
-            options["num_cpus"] = num_cpus
-    if address not in (None, "auto"):
-        _check_reachable(address)  # Ray itself retries an unreachable address for minutes
+    if address is None:
+        options["num_cpus"] = num_cpus
     try:
         ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
