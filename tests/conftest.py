@@ -73,7 +73,23 @@ def ray_cluster():
 
     connect("local", num_cpus=2)
     yield ray
-    ray.shutdown()
+    _shutdown_ray(ray)
+
+
+def _shutdown_ray(ray, timeout: float = 60.0) -> None:
+    """ray.shutdown(), bounded: it was seen to wait forever on a call to the cluster's GCS that has no deadline (once,
+    at the end of a full run). Then the cluster's processes are stopped and Ray's own exit hook, which would wait on
+    the same call, is removed."""
+    import atexit
+    import threading
+
+    finished = threading.Event()
+    threading.Thread(target=lambda: (ray.shutdown(), finished.set()), daemon=True).start()
+    if not finished.wait(timeout):
+        atexit.unregister(ray.shutdown)
+        node = ray._private.worker._global_node
+        if node is not None:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
 
 
 @pytest.fixture(scope="session")
