@@ -141,11 +141,12 @@ def test_capture_on_s3_is_interrupted_and_resumed(s3_server, model, reference, m
     assert Cube(url).describe()["bytes_on_disk"] > 0
 
 
-def test_cli_capture_to_s3_and_bad_ray_address(s3_server, tiny_llama_folder, capsys):
+def test_cli_capture_to_s3_and_bad_ray_address(s3_server, tiny_llama_folder, capsys, tmp_path):
     url = f"{s3_server}/cli/cube.zarr"
     code, out, err = cli(capsys, "capture", "--model", tiny_llama_folder, "--text", "Hello there", "--out", url)
     assert code == 0, err
     assert url in out and Cube(url).str_tokens() == list("Hello there")  # one token a character
-    code, out, err = cli(capsys, "capture", "--model", tiny_llama_folder, "--text", "Hello", "--out", "x.zarr",
-                         "--ray", "127.0.0.1:1")  # fmt: skip
+    code, out, err = cli(capsys, "capture", "--model", tiny_llama_folder, "--text", "Hello",
+                         "--out", tmp_path / "x.zarr", "--ray", "127.0.0.1:1")  # fmt: skip
     assert_one_line_error(code, err, "Ray")
+    assert not (tmp_path / "x.zarr").exists()  # refused before anything is written
