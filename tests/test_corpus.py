@@ -220,7 +220,7 @@ def test_token_stream_rejects_a_context_without_room():
 def test_cli_info_prints_the_sample_sources():
     from typer.testing import CliRunner
 
-    from modelrecon.corpus.cli import corpus_app
+    from modelrecon.cli.corpus import corpus_app
 
     result = CliRunner().invoke(corpus_app, ["info", "sample"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output

@@ -316,7 +316,7 @@ def test_cli_trains_to_a_url_and_resumes_from_a_cube_there(bucket, tiny_llama_fo
                                 "--width", "16", "--k", "4", "--tokens", "256", "--batch-size", "64", "--cube", cube,
                                 "--out", out)  # fmt: skip
     assert code == 0 and "wrote 1 dictionary" in stdout, err
-    from modelrecon.cli import _checkpoint_folder
+    from modelrecon.cli.dictionaries import _checkpoint_folder
 
     assert not _checkpoint_folder(out).exists()
     [loaded] = open_dictionaries(out)

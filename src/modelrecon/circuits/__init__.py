@@ -1,17 +1,21 @@
 """Circuit tracing: the replacement model, attribution graphs, pruning, feature interventions, graph files.
-
 `trace` (one prompt: graph, pruned graph and causal check) and `trace_batch` (many prompts, a graph file each and a
-summary) are imported on first use, so that importing this package (the CLI does, at start) stays cheap."""
+summary) are the entry points. Names are imported on first use, so importing this package stays cheap."""
 
-__all__ = ["BatchPrompt", "TraceOptions", "TraceSource", "TracedGraph", "read_batch_prompts", "trace", "trace_batch"]
+from modelrecon._lazy import lazy_exports
 
-_WHERE = {"trace": "tracing", "TracedGraph": "tracing", "BatchPrompt": "batch", "TraceOptions": "batch",
-          "TraceSource": "batch", "read_batch_prompts": "batch", "trace_batch": "batch"}  # fmt: skip
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        from importlib import import_module
-
-        return getattr(import_module(f"modelrecon.circuits.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'modelrecon.circuits' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "tracing": ("TracedGraph", "trace"),
+        "batch": ("BatchPrompt", "TraceOptions", "TraceSource", "read_batch_prompts", "trace_batch"),
+        "attribute": ("attribute",),
+        "replacement": ("ReplacementModel",),
+        "graph": ("Graph", "Node"),
+        "graph_file": ("load_graph", "save_graph"),
+        "prune": ("prune_graph",),
+        "check": ("CausalCheck", "causal_check"),
+        "components": ("component_graph",),
+        "evaluate": ("evaluate_graphs",),
+    },
+)

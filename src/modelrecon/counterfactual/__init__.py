@@ -2,57 +2,32 @@
 with statistics and sanity checks, and batched patching sweeps.
 """
 
-from modelrecon.counterfactual.experiment import ComponentResult, ExperimentResult, experiment
-from modelrecon.counterfactual.interventions import (
-    AddDirection,
-    Generation,
-    Intervention,
-    MeanAblate,
-    Patch,
-    ProjectOut,
-    Resample,
-    Scale,
-    SetValue,
-    Zero,
-    edits_for,
-    from_json,
-    generate_with,
-    resolve_positions,
-    run_with,
-    source_acts,
-    to_json,
-)
-from modelrecon.counterfactual.pairs import Pair, pair_from_dict, read_pairs, tokenize_pairs
-from modelrecon.counterfactual.sweep import SWEEPS, Cell, SweepResult, path_patch, sweep
+from modelrecon._lazy import lazy_exports
 
-__all__ = [
-    "SWEEPS",
-    "Cell",
-    "ComponentResult",
-    "ExperimentResult",
-    "Pair",
-    "SweepResult",
-    "experiment",
-    "pair_from_dict",
-    "path_patch",
-    "read_pairs",
-    "sweep",
-    "tokenize_pairs",
-    "AddDirection",
-    "Generation",
-    "Intervention",
-    "MeanAblate",
-    "Patch",
-    "ProjectOut",
-    "Resample",
-    "Scale",
-    "SetValue",
-    "Zero",
-    "edits_for",
-    "from_json",
-    "generate_with",
-    "resolve_positions",
-    "run_with",
-    "source_acts",
-    "to_json",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "experiment": ("ComponentResult", "ExperimentResult", "experiment"),
+        "interventions": (
+            "AddDirection",
+            "Generation",
+            "Intervention",
+            "MeanAblate",
+            "Patch",
+            "ProjectOut",
+            "Resample",
+            "Scale",
+            "SetValue",
+            "Zero",
+            "edits_for",
+            "from_json",
+            "generate_with",
+            "resolve_positions",
+            "run_with",
+            "source_acts",
+            "to_json",
+        ),
+        "pairs": ("Pair", "pair_from_dict", "read_pairs", "tokenize_pairs"),
+        "sweep": ("SWEEPS", "Cell", "SweepResult", "path_patch", "sweep"),
+    },
+)

@@ -1,6 +1,11 @@
-"""Activation cubes: capture a model's internals to a documented Zarr store; open, slice, summarise, export, view."""
+"""Activation cubes: capture sites into a Zarr store, read them back without the model."""
 
-from modelrecon.cube.capture import capture
-from modelrecon.cube.reader import Cube, Example, open_cube
+from modelrecon._lazy import lazy_exports
 
-__all__ = ["Cube", "Example", "capture", "open_cube"]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "capture": ("capture",),
+        "reader": ("Cube", "Example", "open_cube"),
+    },
+)

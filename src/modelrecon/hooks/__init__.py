@@ -1,6 +1,11 @@
-"""Reading and writing model internals at sites, through one hook mechanism."""
+"""The one hook mechanism: read (record) and write (edit) sites on the model's own forward pass."""
 
-from modelrecon.hooks.run import RunResult, run
-from modelrecon.hooks.trace import EditFn, HookContext, Trace, hooked
+from modelrecon._lazy import lazy_exports
 
-__all__ = ["EditFn", "HookContext", "RunResult", "Trace", "hooked", "run"]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "run": ("RunResult", "run"),
+        "trace": ("EditFn", "HookContext", "Trace", "hooked"),
+    },
+)

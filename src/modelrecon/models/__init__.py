@@ -1,21 +1,14 @@
 """Loading models, naming their internals (sites) and batching prompts."""
 
-from modelrecon.models.adapters import ADAPTERS, Adapter
-from modelrecon.models.embedded import DEFAULT_MODEL, EMBEDDED
-from modelrecon.models.loading import cache_root, load
-from modelrecon.models.model import Batch, Model, SiteInfo
-from modelrecon.models.sites import LAYER_SITE_KINDS, parse_site
+from modelrecon._lazy import lazy_exports
 
-__all__ = [
-    "ADAPTERS",
-    "Adapter",
-    "Batch",
-    "DEFAULT_MODEL",
-    "EMBEDDED",
-    "LAYER_SITE_KINDS",
-    "Model",
-    "SiteInfo",
-    "cache_root",
-    "load",
-    "parse_site",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "adapters": ("ADAPTERS", "Adapter"),
+        "embedded": ("DEFAULT_MODEL", "EMBEDDED"),
+        "loading": ("cache_root", "load"),
+        "model": ("Batch", "Model", "SiteInfo"),
+        "sites": ("LAYER_SITE_KINDS", "parse_site"),
+    },
+)

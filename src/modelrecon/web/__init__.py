@@ -1,6 +1,12 @@
 """The offline viewer: a local server over a folder of results (`modelrecon serve`), and the same front-end embedded
 in notebooks and standalone pages (`show`)."""
 
-from modelrecon.web.notebook import show
+from modelrecon._lazy import lazy_exports
 
-__all__ = ["show"]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "notebook": ("show", "View"),
+        "app": ("create_app",),
+    },
+)

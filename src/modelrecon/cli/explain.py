@@ -9,7 +9,15 @@ from typing import Annotated
 
 import typer
 
-from modelrecon.cli_common import TRANSCODERS_HELP, DeviceOption, DtypeOption, ModelOption, load_model, stdout
+from modelrecon.cli.common import (
+    TRANSCODERS_HELP,
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    app,
+    load_model,
+    stdout,
+)
 from modelrecon.errors import BadInputError
 from modelrecon.models.embedded import DEFAULT_MODEL
 
@@ -48,6 +56,7 @@ def client(spec: str, timeout: float, concurrency: int):
     return client_from_spec(spec, timeout=timeout, concurrency=concurrency)
 
 
+@app.command()
 def explain(
     cube: Annotated[
         str, typer.Option(help="a cube of mlp.in activations (modelrecon capture --sites 'layers.*.mlp.in')")

@@ -1,5 +1,4 @@
-"""`modelrecon corpus build|info`: registered on the main app with `app.add_typer(corpus_app, name="corpus")`.
-User errors raise ModelreconError, which the main entry point prints on one line (exit code 2)."""
+"""`modelrecon corpus build|info`: the offline text corpus for training dictionaries."""
 
 from __future__ import annotations
 
@@ -10,13 +9,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from modelrecon.cli_common import stdout
+from modelrecon.cli.common import app, stdout
 from modelrecon.corpus.sources import DEFAULT_SOURCES
 
 corpus_app = typer.Typer(
     help="Build and inspect the offline text corpus for training dictionaries.",
     no_args_is_help=True,
 )
+app.add_typer(corpus_app, name="corpus")
 
 
 @corpus_app.command("build")

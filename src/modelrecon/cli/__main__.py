@@ -1,0 +1,5 @@
+"""`python -m modelrecon.cli`: the same as the `modelrecon` command."""
+
+from modelrecon.cli import main
+
+main()
