@@ -201,7 +201,8 @@ def test_cli_lens_attribute_verify(capsys, tmp_path, tiny_llama_folder):
                        "--json", tmp_path / "lens.json", "--html", tmp_path / "lens.html")  # fmt: skip
     assert code == 0 and "layer 2" in out
     assert len(json.loads((tmp_path / "lens.json").read_text())["rows"]) == 4
-    assert "<script" not in (tmp_path / "lens.html").read_text()
+    (lens_page,) = embedded_routes((tmp_path / "lens.html").read_text()).values()  # the viewer's lens view
+    assert lens_page["data"] == json.loads((tmp_path / "lens.json").read_text())
 
     code, out, _ = cli(capsys, "attribute", "The cat sat", "--model", tiny_llama_folder, "--method", "dla",
                        "--answer", "x", "--wrong", "q", "--json", tmp_path / "dla.json")  # fmt: skip

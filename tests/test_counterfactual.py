@@ -238,6 +238,8 @@ def test_statistics():
     # Five equal positive differences: only all-plus and all-minus signs are as extreme, p = 2 / 2^5.
     assert paired_sign_flip_p(np.ones(5)) == 2 / 32
     assert paired_sign_flip_p(np.zeros(5)) == 1.0
+    assert paired_sign_flip_p(np.ones(13)) == 2 / 2**13  # exact while 2^n <= n_perm (10,000)
+    assert paired_sign_flip_p(np.ones(14)) == pytest.approx(1 / 10001, abs=3 / 10001)  # sampled, +1 correction
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     constant = bootstrap(np.full((10, 1), 0.25))[0]
     assert (constant.mean, constant.ci_low, constant.ci_high, constant.spread) == (0.25, 0.25, 0.25, 0.0)

@@ -219,6 +219,26 @@ def test_load_hints_at_other_formats(tmp_path):
         load_dictionary(tmp_path / "c")
 
 
+def test_one_loader_reads_every_folder_layout(tmp_path):
+    from modelrecon.dictionaries.defaults import transcoders_by_name
+    from modelrecon.dictionaries.hub import open_dictionaries
+
+    single, per_layer = make("sae", "relu"), [make("transcoder", "jumprelu", layer=i, seed=i) for i in range(2)]
+    save_dictionary(single, tmp_path / "own")
+    save_dictionaries(per_layer, tmp_path / "own-set")
+    export_saelens(single, tmp_path / "saelens")
+    export_circuit_tracer(per_layer, tmp_path / "circuit-tracer")
+    for name, originals in [("own", [single]), ("own-set", per_layer), ("saelens", [single]),
+                            ("circuit-tracer", per_layer)]:  # fmt: skip
+        loaded = load_dictionaries(tmp_path / name)
+        assert [d.config for d in loaded] == [d.config for d in originals], name
+        for original, back in zip(originals, loaded, strict=True):
+            assert_same_outputs(original.fold_normalisation(), back)
+        # what `--dict` (eval-dict) and `--transcoders` (trace, explain) read: the same dictionaries
+        for reader in (open_dictionaries, lambda folder: transcoders_by_name(None, str(folder))):
+            assert [d.config for d in reader(tmp_path / name)] == [d.config for d in loaded], name
+
+
 # --- SAELens -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,activation", SAELENS_OK)
 def test_saelens_round_trip(tmp_path, kind, activation):

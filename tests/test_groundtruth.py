@@ -10,8 +10,9 @@ from modelrecon.attribution.gradients import target_fn
 from modelrecon.counterfactual import Zero, run_with
 from modelrecon.counterfactual.metrics import ScoredItem, item_metric
 from modelrecon.counterfactual.pairs import tokenize_pairs
+from modelrecon.counterfactual.stats import roc_auc
 from modelrecon.groundtruth.runner import markdown, run_suite
-from modelrecon.groundtruth.scoring import average_precision, direction_recovery, pessimistic_auc, roc_auc
+from modelrecon.groundtruth.scoring import average_precision, direction_recovery, pessimistic_auc
 from modelrecon.groundtruth.tasks import SUPERPOSITION, TASKS, _superposition_tokens
 
 from conftest import assert_one_line_error, cli
@@ -130,6 +131,8 @@ def test_scoring_functions():
     truth = np.array([True, True, False, False])
     assert roc_auc(np.array([3.0, 2.0, 1.0, 0.0]), truth) == 1.0
     assert roc_auc(np.array([1.0, 1.0, 1.0, 1.0]), truth) == 0.5  # all tied: chance
+    assert roc_auc(np.array([2.0, 0.0, 1.0, 0.0]), truth) == (2 + 0.5) / 4  # true vs inert: 2 wins, 1 tie, 1 loss
+    assert roc_auc(np.array([1.0, 2.0]), np.array([True, True])) is None  # one class: undefined
     assert pessimistic_auc(np.array([1.0, 1.0, 1.0, 1.0]), truth) == 0.0  # ... and nothing found
     assert average_precision(np.array([3.0, 0.0, 2.0, 1.0]), truth) == pytest.approx((1 + 2 / 4) / 2)
 

@@ -8,6 +8,7 @@ import torch
 import modelrecon as mr
 from modelrecon.counterfactual import metrics
 from modelrecon.errors import BadInputError
+from modelrecon.models.model import answer_tokens, single_token
 
 
 def test_metrics_on_known_logits():
@@ -25,13 +26,13 @@ def test_metrics_on_known_logits():
 
 
 def test_answers_on_the_real_model(smollm2):
-    paris = metrics.single_token(smollm2, " Paris")
+    paris = single_token(smollm2, " Paris")
     result = mr.run(smollm2, "The capital of France is")
     assert float(metrics.top1(result.logits[0][-1], paris)) == 1.0
-    multi = metrics.answer_tokens(smollm2, " Kuala Lumpur")
+    multi = answer_tokens(smollm2, " Kuala Lumpur")
     assert len(multi) > 1
-    with pytest.raises(BadInputError, match="needs a single-token answer"):
-        metrics.single_token(smollm2, " Kuala Lumpur")
+    with pytest.raises(BadInputError, match=r"is 6 tokens \[' K', 'ual', .*\]; give a single-token answer"):
+        single_token(smollm2, " Kuala Lumpur")
     # Multi-token: the sum of per-token log-probs equals scoring token by token with growing prompts.
     prompt = "The capital of Malaysia is"
     full = mr.run(smollm2, prompt + " Kuala Lumpur")

@@ -5,9 +5,9 @@ import torch
 
 import modelrecon as mr
 from modelrecon.counterfactual import Pair, read_pairs, sweep, tokenize_pairs
-from modelrecon.counterfactual.metrics import single_token
 from modelrecon.models import loading
 from modelrecon.models.embedded import EMBEDDED
+from modelrecon.models.model import single_token
 
 from conftest import cli
 

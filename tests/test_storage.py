@@ -309,7 +309,7 @@ def test_cli_trains_to_a_url_and_resumes_from_a_cube_there(bucket, tiny_llama_fo
     the user cache, keyed by the URL) is gone once the result is written."""
     cube = f"{bucket}/acts.zarr"
     code, _, err = cli(capsys, "capture", "--model", tiny_llama_folder, "--text", "Hello there, world! " * 8,
-                           "--sites", "layers.0.resid_post", "--out", cube)  # fmt: skip
+                           "--context-length", "128", "--sites", "layers.0.resid_post", "--out", cube)  # fmt: skip
     assert code == 0, err
     out = f"{bucket}/sae"
     code, stdout, err = cli(capsys, "train", "--model", tiny_llama_folder, "--site", "layers.0.resid_post",

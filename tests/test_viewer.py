@@ -22,6 +22,8 @@ from modelrecon.explain.store import label_trace
 from modelrecon.web.app import LOOPBACK_HOSTS, MAX_ANNOTATION_BYTES, create_app
 from modelrecon.web.notebook import show
 
+from conftest import web_addresses
+
 PROMPT = "The cat sat on the mat"
 
 
@@ -212,7 +214,7 @@ def test_annotations_round_trip(client, site):
 def test_loopback_by_default_and_foreign_hosts_refused(site, capsys):
     import inspect
 
-    from modelrecon.cli import serve
+    from modelrecon.cli.serve import serve
 
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
     guarded = TestClient(create_app(site["folder"], trusted_hosts=LOOPBACK_HOSTS), base_url="http://127.0.0.1")
@@ -237,7 +239,7 @@ def test_notebook_page_embeds_the_same_front_end(site):
     view = show(site["graph"], dashboards)
     page = view.html
     assert (STATIC / "app.js").read_text().splitlines()[5] in page  # the served script, inline
-    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
+    assert not web_addresses(page) and "<script src" not in page
     assert "<iframe srcdoc=" in view._repr_html_() and 'sandbox="allow-scripts"' in view._repr_html_()
     routes = json.loads(page.split("window.MR_EMBED = ", 1)[1].split(";</script>", 1)[0].replace("<\\/", "</"))[
         "routes"]  # fmt: skip

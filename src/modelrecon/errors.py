@@ -44,3 +44,7 @@ class BadInputError(ModelreconError):
 
 class CubeError(ModelreconError):
     """An activation cube that is missing, corrupt, unfinished, of an unknown schema, or lacks what was asked."""
+
+
+class NonFiniteError(ModelreconError):
+    """NaN or infinite values where numbers must be finite: a model's weights, captured activations, a result."""

@@ -12,47 +12,36 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from modelrecon.counterfactual.sweep import SweepResult
+from modelrecon.display import RichDisplay
 from modelrecon.errors import BadInputError
 from modelrecon.files import json_safe
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties sharing their mean rank."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    sorted_x = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+def _agreement(statistic, x: np.ndarray, y: np.ndarray) -> float:
+    """A scipy.stats correlation of two score vectors; NaN where it is undefined (under two cells, or a constant
+    vector), without scipy's warning."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(statistic(x, y).statistic)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    rx, ry = _ranks(np.asarray(x, float)), _ranks(np.asarray(y, float))
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+    from scipy.stats import spearmanr  # imported when used: scipy.stats takes a second or more to import
+
+    return _agreement(spearmanr, x, y)
 
 
 def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    dx = np.sign(x[:, None] - x[None, :])
-    dy = np.sign(y[:, None] - y[None, :])
-    upper = np.triu_indices(len(x), k=1)
-    dx, dy = dx[upper], dy[upper]
-    concordance = float((dx * dy).sum())
-    denominator = np.sqrt(float((dx != 0).sum()) * float((dy != 0).sum()))
-    return concordance / denominator if denominator else float("nan")
+    from scipy.stats import kendalltau  # tau-b is its default variant
+
+    return _agreement(kendalltau, x, y)
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 2 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
+    from scipy.stats import pearsonr
+
+    return _agreement(pearsonr, x, y)
 
 
 @dataclass(frozen=True)
@@ -66,7 +55,7 @@ class Disagreement:
 
 
 @dataclass
-class Comparison:
+class Comparison(RichDisplay):
     method: str
     kind: str
     spearman: float

@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from modelrecon.counterfactual.metrics import single_token
 from modelrecon.errors import BadInputError
 from modelrecon.hooks.run import run
-from modelrecon.models.model import Model
+from modelrecon.models.model import Model, single_token
 from modelrecon.models.weights import linear_weight, norm, output_weight
 
 

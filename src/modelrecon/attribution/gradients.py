@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from modelrecon.counterfactual.metrics import single_token
 from modelrecon.cube.reader import Cube
 from modelrecon.errors import BadInputError
 from modelrecon.hooks.run import run
-from modelrecon.models.model import Model
+from modelrecon.models.model import Model, single_token
 from modelrecon.models.sites import parse_site
 
 

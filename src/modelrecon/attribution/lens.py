@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from modelrecon.counterfactual.metrics import single_token
+from modelrecon.display import RichDisplay
 from modelrecon.hooks.run import run
-from modelrecon.models.model import Model
+from modelrecon.models.model import Model, single_token
 
 
 @dataclass
-class LensResult:
+class LensResult(RichDisplay):
     prompt: str
     tokens: list[str]
     rows: list[str]  # "embed", "layer 0", ..., "layer N-1"

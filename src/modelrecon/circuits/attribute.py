@@ -22,15 +22,8 @@ from modelrecon.circuits.jacobian import Jacobian, Target, active_per_position, 
 from modelrecon.circuits.prune import influence
 from modelrecon.circuits.replacement import CleanRun, ReplacementModel
 from modelrecon.errors import BadInputError
-from modelrecon.models.model import Model
+from modelrecon.models.model import Model, single_token
 from modelrecon.progress import token_progress
-
-
-def single_token(model: Model, text: str) -> int:
-    ids = [i for i in model.encode(text) if i not in _special(model)]
-    if len(ids) != 1:
-        raise BadInputError(f"target {text!r} is {len(ids)} tokens; give one token (with its leading space)")
-    return ids[0]
 
 
 def logit_targets(model: Model, clean: CleanRun, target: str | None, max_logits: int, cumulative: float) -> list:
@@ -38,7 +31,7 @@ def logit_targets(model: Model, clean: CleanRun, target: str | None, max_logits:
     probabilities add up to `cumulative` (at most `max_logits`)."""
     probs = torch.softmax(clean.logits.double(), -1)
     if target is not None:
-        token = single_token(model, target)
+        token = single_token(model, target, "target")
         return [(token, float(probs[token]))]
     order = probs.argsort(descending=True)[:max_logits]
     chosen, total = [], 0.0
@@ -48,10 +41,6 @@ def logit_targets(model: Model, clean: CleanRun, target: str | None, max_logits:
         if total >= cumulative:
             break
     return chosen
-
-
-def _special(model: Model) -> set[int]:
-    return set(getattr(model.tokenizer, "all_special_ids", []) or [])
 
 
 @dataclass
@@ -105,13 +94,9 @@ class NodeIndex:
 
 
 def prompt_ids(model: Model, prompt: str) -> list[int]:
-    """The prompt's token ids, refused in one line when it is longer than the positions the model was trained on."""
-    ids = model.encode(prompt)
-    limit = getattr(model.hf.config, "max_position_embeddings", None)
-    if limit is not None and len(ids) > limit:
-        raise BadInputError(f"the prompt is {len(ids):,} tokens and {model.name} was trained on at most {limit:,} "
-                            f"positions; trace a shorter prompt")  # fmt: skip
-    return ids
+    """The prompt's token ids, refused in one line when it is longer than the positions the model was trained on
+    (`Model.encode` checks the context)."""
+    return model.encode(prompt)
 
 
 def attribute(
@@ -147,7 +132,7 @@ def attribute(
     elif list(clean.ids) != ids:
         raise ValueError("the clean run given to attribute() is not of this prompt")
     logits = logit_targets(model, clean, target, max_logits, cumulative)
-    wrong_id = None if wrong is None else single_token(model, wrong)
+    wrong_id = None if wrong is None else single_token(model, wrong, "target")
     index = NodeIndex.build(clean, [t for t, _ in logits])
     features = [i for i, key in enumerate(index.keys) if key[0] == "feature"]
     check_memory(estimate_memory(rm, clean, min(max_feature_nodes, len(features)) + len(logits), batch_size),
@@ -233,6 +218,7 @@ def attribute(
         "edge_check_error": check_error,
         "seconds": time.perf_counter() - start,
     }
+    graph.check_finite()
     return graph
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from modelrecon.circuits.graph import Graph
 from modelrecon.circuits.replacement import ReplacementModel
 from modelrecon.errors import BadInputError
-from modelrecon.models.model import Model
+from modelrecon.models.model import Model, single_token
 
 LEVELS = ("auto", "features", "components")
 
@@ -98,6 +98,7 @@ class TraceSource:
     level: str = "auto"
     device: str = "auto"
     dtype: str = "float32"
+    truncate: bool = False  # prompts longer than the model's context keep their first tokens (else: an error)
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -117,6 +118,7 @@ class TraceSource:
             from modelrecon.models.loading import load
 
             model = load(self.model, device=self.device, dtype=self.dtype)
+        model.truncate_prompts = model.truncate_prompts or self.truncate
         level, note = self.level, None
         if level == "auto":
             if self.transcoders is None:
@@ -165,14 +167,14 @@ def _check_built(model: Model, name: str) -> None:
 
 def check_prompts(model: Model, prompts: list[BatchPrompt], features: bool) -> None:
     """Every prompt's tokens, target and wrong token checked before the long work: a one-line error naming the line."""
-    from modelrecon.circuits.attribute import prompt_ids, single_token
+    from modelrecon.circuits.attribute import prompt_ids
 
     for p in prompts:
         try:
             ids = prompt_ids(model, p.prompt)
             for token in (p.target, p.wrong):
                 if token is not None:
-                    single_token(model, token)
+                    single_token(model, token, "target")
             if features and p.wrong is not None and p.target is None:
                 raise BadInputError('a logit-difference target needs "target" as well as "wrong"')
             if p.counterfactual is not None:

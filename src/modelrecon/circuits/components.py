@@ -18,7 +18,6 @@ import time
 import torch
 
 from modelrecon.attribution.edges import edge_scores, receivers, senders
-from modelrecon.circuits.attribute import single_token
 from modelrecon.circuits.check import CausalCheck, predicted_change
 from modelrecon.circuits.graph import Graph, Node
 from modelrecon.circuits.prune import node_influence
@@ -26,7 +25,7 @@ from modelrecon.counterfactual.interventions import Patch, run_with
 from modelrecon.counterfactual.pairs import PairTokens
 from modelrecon.errors import BadInputError
 from modelrecon.hooks.run import run
-from modelrecon.models.model import Model
+from modelrecon.models.model import Model, single_token
 from modelrecon.models.sites import site_name
 
 
@@ -63,8 +62,8 @@ def component_graph(
         raise BadInputError("the prompt is empty; give some text to trace")
     logits = run(model, model.batch_from_ids([ids]), last_only=True).logits[0][-1].float()
     probs = torch.softmax(logits.double(), -1)
-    answer = single_token(model, target) if target is not None else int(logits.argmax())
-    wrong_id = single_token(model, wrong) if wrong is not None else None
+    answer = single_token(model, target, "target") if target is not None else int(logits.argmax())
+    wrong_id = single_token(model, wrong, "target") if wrong is not None else None
     if counterfactual is None:
         baseline = blank_baseline(model, ids)
     else:

@@ -34,6 +34,8 @@ from modelrecon.circuits.prune import (
     replacement_score,
 )
 from modelrecon.errors import BadInputError
+from modelrecon.files import read_text
+from modelrecon.models.model import single_token
 
 PROMPT_KINDS = ("factual", "multi-hop", "ioi", "induction", "arithmetic", "opposites")
 
@@ -62,10 +64,7 @@ def read_prompts(path: str | Path | None = None) -> list[EvalPrompt]:
         text = resources.files("modelrecon.data").joinpath("graph_eval.jsonl").read_text()
         where = "graph_eval.jsonl"
     else:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise BadInputError(f"cannot read the prompt file {path}: {exc.strerror or exc}") from exc
+        text = read_text(path, "prompt file")
         where = str(path)
     prompts = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -178,15 +177,13 @@ class EvalReport:
 
 def check_answers(model, prompts: list[EvalPrompt]) -> list[int]:
     """Each prompt's answer as one token id: a bad answer fails before the long work."""
-    from modelrecon.circuits.attribute import single_token
-
     return [single_token(model, p.answer) for p in prompts]
 
 
 def evaluate_prompt(model, rm, prompt: EvalPrompt, max_feature_nodes: int = 1000, check_features: int = 10) -> dict:
     """One prompt's row of the report: traced to its answer, scored, and checked by intervention (the clean run of
     the replacement model computed once, for both)."""
-    from modelrecon.circuits.attribute import attribute, prompt_ids, single_token
+    from modelrecon.circuits.attribute import attribute, prompt_ids
     from modelrecon.circuits.check import causal_check
 
     answer = single_token(model, prompt.answer)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from modelrecon import storage
-from modelrecon.circuits.graph import Graph, Node
+from modelrecon.circuits.graph import KINDS, Graph, Node
 from modelrecon.circuits.prune import completeness_score, cumulative_influence, node_influence, replacement_score
 from modelrecon.errors import BadInputError
 from modelrecon.files import json_safe
@@ -30,16 +30,7 @@ from modelrecon.files import json_safe
 SCHEMA_VERSION = 1  # circuit-tracer / Neuronpedia graph schema
 MODELRECON_SCHEMA_VERSION = 1  # our `metadata.modelrecon` block and per-node extensions
 
-FEATURE_TYPES = {
-    "feature": "cross layer transcoder",
-    "error": "mlp reconstruction error",
-    "embedding": "embedding",
-    "logit": "logit",
-    "head": "attention head",
-    "mlp": "mlp",
-}
-_LAYERED = ("feature", "error", "head", "mlp")
-KINDS = {v: k for k, v in FEATURE_TYPES.items()}
+KIND_OF_FEATURE_TYPE = {kind.feature_type: name for name, kind in KINDS.items()}
 
 
 def _cantor(x: int, y: int) -> int:
@@ -50,7 +41,7 @@ def _cantor(x: int, y: int) -> int:
 def n_layers_of(graph: Graph) -> int:
     """The model's layer count: `metadata["n_layers"]` when the attribution recorded it, else (or when that is too
     small) the highest feature or error layer + 1."""
-    layers = [n.layer for n in graph.nodes if n.kind in _LAYERED and n.layer is not None]
+    layers = [n.layer for n in graph.nodes if KINDS[n.kind].layered and n.layer is not None]
     seen = max(layers) + 1 if layers else 0
     recorded = graph.metadata.get("n_layers")
     return max(recorded, seen) if isinstance(recorded, int) and not isinstance(recorded, bool) else seen
@@ -58,39 +49,33 @@ def n_layers_of(graph: Graph) -> int:
 
 def node_json_id(node: Node, n_layers: int) -> str:
     """The circuit-tracer style `node_id` of a node (module docstring)."""
+    return node.name("json_id", logit_layer=n_layers + 1)
+
+
+def _json_feature(node: Node) -> int:
+    """circuit-tracer's `feature`: a feature's global number, an embedding's position, a logit's token id, a head."""
     if node.kind == "feature":
-        return f"{node.layer}_{node.feature}_{node.position}"
-    if node.kind == "error":
-        return f"{node.layer}_-1_{node.position}"
+        return _cantor(node.layer, node.feature)
     if node.kind == "embedding":
-        return f"E_{node.feature}_{node.position}"
-    if node.kind == "head":
-        return f"{node.layer}_H{node.feature}"
-    if node.kind == "mlp":
-        return f"{node.layer}_M"
-    return f"{n_layers + 1}_{node.feature}_{node.position}"
+        return node.position
+    return -1 if node.feature is None else node.feature
+
+
+def _clerp(node: Node) -> str:
+    if node.kind == "logit":
+        return f'Output "{node.token}" (p={node.activation if node.activation is not None else 0.0:.3f})'
+    return "" if KINDS[node.kind].positioned else node.label  # components are labelled, the rest left to the viewer
 
 
 def _node_json(node: Node, n_layers: int, influence: float | None, target_logit: bool) -> dict:
-    pos = node.position
-    common = {"node_id": node_json_id(node, n_layers), "ctx_idx": pos, "feature_type": FEATURE_TYPES[node.kind]}
-    if node.kind == "feature":
-        fields = {"feature": _cantor(node.layer, node.feature), "layer": str(node.layer),
-                  "jsNodeId": f"{node.layer}_{node.feature}-0", "clerp": ""}  # fmt: skip
-    elif node.kind == "error":
-        fields = {"feature": -1, "layer": str(node.layer), "jsNodeId": f"{node.layer}_-1-{pos}", "clerp": ""}
-    elif node.kind == "embedding":
-        fields = {"feature": pos, "layer": "E", "jsNodeId": f"E_{node.feature}-{pos}", "clerp": ""}
-    elif node.kind in ("head", "mlp"):
-        fields = {"feature": -1 if node.feature is None else node.feature, "layer": str(node.layer),
-                  "jsNodeId": node_json_id(node, n_layers), "clerp": node.label}  # fmt: skip
-    else:
-        prob = node.activation if node.activation is not None else 0.0
-        fields = {"feature": node.feature, "layer": str(n_layers + 1), "jsNodeId": f"L_{node.feature}-{pos}",
-                  "clerp": f'Output "{node.token}" (p={prob:.3f})'}  # fmt: skip
     return {
-        **common,
-        **fields,
+        "node_id": node_json_id(node, n_layers),
+        "ctx_idx": node.position,
+        "feature_type": KINDS[node.kind].feature_type,
+        "feature": _json_feature(node),
+        "layer": node.name("json_layer", logit_layer=n_layers + 1),
+        "jsNodeId": node.name("js_id"),
+        "clerp": _clerp(node),
         "activation": node.activation,
         "influence": influence,
         "token_prob": (node.activation or 0.0) if node.kind == "logit" else 0.0,
@@ -173,6 +158,7 @@ def save_graph(
     """Write `graph_to_json(graph)` to `path` atomically (a temporary file renamed into place; at an fsspec URL, one
     whole object). Returns the path (a URL as a string)."""
     path = storage.location(path)
+    graph.check_finite()  # never a NaN graph on disk with its values silently written as null
     data = graph_to_json(graph, node_threshold=node_threshold, slug=slug or Path(storage.name(path)).stem)
     storage.write_bytes(path, json.dumps(data, default=str, allow_nan=False).encode("utf-8"))
     return path
@@ -206,22 +192,22 @@ def _get(obj, key: str, types, path, where: str, optional: bool = False):
 
 def _node_from_json(item, path, where: str) -> Node:
     feature_type = _get(item, "feature_type", str, path, where)
-    if feature_type not in KINDS:
-        raise _bad(path, f"{where}.feature_type '{feature_type[:40]}' is not one of {sorted(KINDS)}")
-    kind = KINDS[feature_type]
-    spans_all = kind in ("head", "mlp")  # component nodes have no position
-    position = None if spans_all else _get(item, "ctx_idx", int, path, where)
+    if feature_type not in KIND_OF_FEATURE_TYPE:
+        raise _bad(path, f"{where}.feature_type '{feature_type[:40]}' is not one of {sorted(KIND_OF_FEATURE_TYPE)}")
+    kind = KIND_OF_FEATURE_TYPE[feature_type]
+    spec = KINDS[kind]
+    position = _get(item, "ctx_idx", int, path, where) if spec.positioned else None
     if position is not None and position < 0:
         raise _bad(path, f"{where}.ctx_idx is negative")
     layer = _get(item, "mr_layer", int, path, where, optional=True)
     index = _get(item, "mr_index", int, path, where, optional=True)
-    if kind in _LAYERED and (layer is None or layer < 0):
+    if spec.layered and (layer is None or layer < 0):
         raise _bad(path, f"{where} ({kind}) needs a layer >= 0 in 'mr_layer'")
-    if kind not in ("error", "mlp") and (index is None or index < 0):
+    if spec.indexed and (index is None or index < 0):
         raise _bad(path, f"{where} ({kind}) needs an index >= 0 in 'mr_index'")
     activation = _get(item, "activation", (int, float), path, where, optional=True)
     token = _get(item, "token", str, path, where, optional=True)
-    node = Node(kind, position, layer if kind in _LAYERED else None, index if kind not in ("error", "mlp") else None,
+    node = Node(kind, position, layer if spec.layered else None, index if spec.indexed else None,
                 None if activation is None else float(activation), token)  # fmt: skip
     mr_id = _get(item, "mr_id", str, path, where)
     if mr_id != node.id:

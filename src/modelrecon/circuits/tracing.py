@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from modelrecon.circuits.check import CausalCheck
 from modelrecon.circuits.graph import Graph
 from modelrecon.circuits.replacement import ReplacementModel
+from modelrecon.display import RichDisplay
 from modelrecon.errors import BadInputError
 from modelrecon.models.model import Model
 
 
 @dataclass
-class TracedGraph:
+class TracedGraph(RichDisplay):
     """A traced prompt: `graph` (every node the attribution kept), `pruned` (what `save_graph` writes; its metadata
     carries the causal check as `causal_check`), the `check` itself, and the replacement model the graph was traced
     through (None for a component graph), for dashboards and interventions."""

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         # line like ours instead of as a usage box.
         code = app(args=argv, standalone_mode=False)
     except ModelreconError as exc:
-        stderr.print(f"error: {exc}", markup=False, highlight=False)
+        stderr.print(f"error: {_one_line(str(exc))}", markup=False, highlight=False)
         sys.exit(2)
     except typer.TyperException as exc:  # click's errors (typer vendors click; this is their public base class)
         if type(exc).__name__ == "NoArgsIsHelpError":
@@ -50,3 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         stderr.print("interrupted", markup=False)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(message: str) -> str:
+    """An error on one line even when it quotes a value holding line breaks (a prompt, a path, an option)."""
+    return message.strip().replace("\r", "\\r").replace("\n", "\\n")

@@ -53,23 +53,25 @@ def corpus_info(
 
 def show_metadata(corpus: str | Path) -> None:
     from modelrecon.corpus.read import corpus_file
-    from modelrecon.errors import BadInputError
+    from modelrecon.errors import BadInputError, reason
 
     path = corpus_file(corpus).with_suffix(".json")
     if not path.is_file():
         raise BadInputError(f"'{corpus}' has no metadata file {path.name}; build it with: modelrecon corpus build")
-    meta = json.loads(path.read_text())
     table = Table("source", "kind", "documents", "characters", "tokens", "share", "duplicates dropped", "licence")
-    for name, info in meta["sources"].items():
-        share = info["share_tokens"] if info["share_tokens"] is not None else info["share_characters"]
-        tokens = f"{info['tokens']:,}" if meta["tokens"] is not None else "-"
-        row = [info["kind"], f"{info['documents']:,}", f"{info['characters']:,}", tokens, f"{share:.1%}"]
-        table.add_row(name, *row, f"{info['duplicate_paragraphs_dropped']:,}", info["licence"])
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        for name, info in meta["sources"].items():
+            share = info["share_tokens"] if info["share_tokens"] is not None else info["share_characters"]
+            tokens = f"{info['tokens']:,}" if meta["tokens"] is not None else "-"
+            row = [str(info["kind"]), f"{info['documents']:,}", f"{info['characters']:,}", tokens, f"{share:.1%}"]
+            table.add_row(name, *row, f"{info['duplicate_paragraphs_dropped']:,}", str(info["licence"]))
+        total = (
+            f"{meta['tokens']:,} tokens ({meta['tokenizer']})" if meta["tokens"] is not None else "tokens not counted"
+        )
+        summary = (f"{path.parent}: {meta['documents']:,} documents, {meta['characters']:,} characters, {total}; "
+                   f"built {meta['created']} by modelrecon {meta['modelrecon_version']}")  # fmt: skip
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON and UTF-8 errors are ValueErrors
+        raise BadInputError(f"corpus metadata {path} is damaged ({reason(exc)}); build the corpus again") from None
     stdout.print(table)
-    total = f"{meta['tokens']:,} tokens ({meta['tokenizer']})" if meta["tokens"] is not None else "tokens not counted"
-    stdout.print(
-        f"{path.parent}: {meta['documents']:,} documents, {meta['characters']:,} characters, {total}; "
-        f"built {meta['created']} by modelrecon {meta['modelrecon_version']}",
-        markup=False,
-        highlight=False,
-    )
+    stdout.print(summary, markup=False, highlight=False)

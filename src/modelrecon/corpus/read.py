@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from modelrecon.errors import BadInputError
+from modelrecon.errors import BadInputError, reason
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus_sample.jsonl"
 TOKENIZE_BATCH = 64
@@ -49,6 +49,13 @@ def _read_txt(path: Path) -> Iterator[str]:
 
 
 def _read_jsonl(path: Path) -> Iterator[str]:
+    try:
+        yield from _jsonl_texts(path)
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path} is not UTF-8 text (byte {exc.start} of a block); save it as UTF-8") from None
+
+
+def _jsonl_texts(path: Path) -> Iterator[str]:
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -73,8 +80,11 @@ def _read_parquet(path: Path) -> Iterator[str]:
         raise BadInputError(f"cannot read '{path}' as Parquet ({exc.__class__.__name__}); check the file") from None
     if "text" not in table.schema_arrow.names:
         raise BadInputError(f'{path} has no column "text" (it has {", ".join(table.schema_arrow.names)}); rename it')
-    for batch in table.iter_batches(columns=["text"]):
-        yield from (text for text in batch.column(0).to_pylist() if text is not None)
+    try:
+        for batch in table.iter_batches(columns=["text"]):
+            yield from (text for text in batch.column(0).to_pylist() if text is not None)
+    except Exception as exc:  # a damaged data page is found only when its batch is read
+        raise BadInputError(f"cannot read '{path}' as Parquet ({reason(exc)}); check the file") from None
 
 
 def token_stream(texts: Iterable[str], tokenizer, context_length: int) -> Iterator[list[int]]:

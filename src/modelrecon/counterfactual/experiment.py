@@ -30,6 +30,7 @@ from modelrecon.counterfactual.interventions import (
 from modelrecon.counterfactual.metrics import ItemMetric, ScoredItem, item_metric
 from modelrecon.counterfactual.pairs import Pair, PairTokens, tokenize_pairs
 from modelrecon.counterfactual.stats import bootstrap, holm, paired_sign_flip_p
+from modelrecon.display import RichDisplay
 from modelrecon.errors import BadInputError
 from modelrecon.files import json_safe
 from modelrecon.hooks.run import run
@@ -56,7 +57,7 @@ class ComponentResult:
 
 
 @dataclass
-class ExperimentResult:
+class ExperimentResult(RichDisplay):
     metric: str
     base: str  # the input the interventions were applied to
     clean: list[float]  # metric per item

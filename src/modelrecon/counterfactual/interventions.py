@@ -202,15 +202,19 @@ def from_json(text: str) -> list[Intervention]:
     return [Intervention.from_dict(d) for d in data]
 
 
-def components_from_json(text: str) -> dict[str, list[Intervention]]:
-    """Named lists of interventions: `{"name": [{"op": ...}, ...], ...}` (what `modelrecon experiment` reads)."""
+def components_from_json(text: str, where: str = "components") -> dict[str, list[Intervention]]:
+    """Named lists of interventions: `{"name": [{"op": ...}, ...], ...}` (what `modelrecon experiment` reads);
+    `where` (the file) prefixes any error."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BadInputError(f"components are not valid JSON ({exc.msg}); give an object of named lists") from None
+        raise BadInputError(f"{where}: not valid JSON ({exc.msg}); give an object of named lists") from None
     if not isinstance(data, dict) or not data:
-        raise BadInputError('components JSON must be a non-empty object like {"ablate mlp 3": [{"op": "zero", ...}]}')
-    return {name: from_json(json.dumps(ivs)) for name, ivs in data.items()}
+        raise BadInputError(f'{where}: must be a non-empty object like {{"ablate mlp 3": [{{"op": "zero", ...}}]}}')
+    try:
+        return {name: from_json(json.dumps(ivs)) for name, ivs in data.items()}
+    except BadInputError as exc:
+        raise BadInputError(f"{where}: {exc}") from None
 
 
 # --- applying them ------------------------------------------------------------------------------------------------
@@ -464,6 +468,8 @@ def generate_with(
     if max_new_tokens < 1:
         raise BadInputError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     ids = model.encode(prompt)
+    model.check_length(len(ids) + max_new_tokens, f"the prompt plus {max_new_tokens} new tokens",
+                       "shorten the prompt or ask for fewer new tokens")  # fmt: skip
     values = source_acts(model, [prompt], interventions, sources)
     new: list[int] = []
     for _ in range(max_new_tokens):

@@ -14,26 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from modelrecon.errors import BadInputError
-from modelrecon.models.model import Model
-
-
-def answer_tokens(model: Model, answer: str) -> list[int]:
-    """Token ids of an answer as it continues a prompt (include its leading space, e.g. " Paris")."""
-    ids = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise BadInputError(f"answer {answer!r} gives no tokens")
-    return list(ids)
-
-
-def single_token(model: Model, answer: str) -> int:
-    ids = answer_tokens(model, answer)
-    if len(ids) != 1:
-        pieces = model.str_tokens(ids)
-        raise BadInputError(
-            f"answer {answer!r} is {len(ids)} tokens {pieces}; this metric needs a single-token answer "
-            "(use answer_logprob on the prompt + answer for multi-token answers)"
-        )
-    return ids[0]
 
 
 def logit_diff(logits: torch.Tensor, answer: int, wrong: int) -> torch.Tensor:

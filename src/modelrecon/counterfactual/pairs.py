@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelrecon.counterfactual.metrics import single_token
 from modelrecon.errors import BadInputError
-from modelrecon.models.model import Model
+from modelrecon.files import read_text
+from modelrecon.models.model import Model, single_token
 
 FIELDS = ("clean", "counterfactual", "answer", "wrong")
 # Datasets shipped with the package, usable by name wherever a pairs file is asked for.
@@ -56,7 +56,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
             f"or a shipped dataset ({', '.join(DATASETS)})"
         )
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "pairs file").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

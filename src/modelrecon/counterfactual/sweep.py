@@ -21,6 +21,7 @@ from modelrecon.counterfactual.interventions import Intervention, Patch, Sources
 from modelrecon.counterfactual.metrics import ItemMetric, ScoredItem, item_metric
 from modelrecon.counterfactual.pairs import Pair, PairTokens, tokenize_pairs
 from modelrecon.counterfactual.stats import bootstrap
+from modelrecon.display import RichDisplay
 from modelrecon.errors import BadInputError
 from modelrecon.files import json_safe
 from modelrecon.hooks.run import run
@@ -67,7 +68,7 @@ def _nanmean(effects: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class SweepResult:
+class SweepResult(RichDisplay):
     kind: str
     direction: str
     metric: str

@@ -32,7 +32,7 @@ from modelrecon import storage
 from modelrecon.cube import layout
 from modelrecon.cube.reader import Cube, read_attrs
 from modelrecon.cube.writer import ChunkWriter
-from modelrecon.errors import BadInputError, CubeError
+from modelrecon.errors import BadInputError, CubeError, NonFiniteError
 from modelrecon.hooks.trace import hooked
 from modelrecon.models.model import Model
 from modelrecon.models.sites import parse_site, site_name
@@ -84,7 +84,7 @@ def _plan(model, prompts, sites, dtype, batch_size, max_tokens, context_length, 
     token_ids, kept = [], []
     total = 0
     for prompt in prompts:
-        ids = model.encode(prompt)[:context_length]
+        ids = model.encode(prompt, truncate_to=context_length)
         if max_tokens is not None:
             ids = ids[: max_tokens - total]
         if not ids:
@@ -197,6 +197,7 @@ def _create(path: Path | str, model: Model, plan: _Plan, meta: dict) -> None:
                 dtype=np.float32,
                 chunks=(chunk, len(layers), len(layout.STATS)),
                 fill_value=np.nan,
+                compressors=layout.compressors(),
             )
             summaries.attrs.update({"stats": list(layout.STATS), "layers": layers})
         texts = model.tokenizer.batch_decode([[t] for ids in plan.token_ids for t in ids])
@@ -215,7 +216,9 @@ def _create(path: Path | str, model: Model, plan: _Plan, meta: dict) -> None:
             "prompts/text_offsets": prompt_offsets,
             "prompts/token_offsets": plan.offsets,
         }.items():
-            group.create_array(name, data=data, chunks=(max(1, min(len(data), 1 << 20)),))
+            group.create_array(
+                name, data=data, chunks=(max(1, min(len(data), 1 << 20)),), compressors=layout.compressors()
+            )
         group.attrs.put({layout.ATTRS_KEY: meta})  # replaces the creating mark
         if staging != path:
             staging.rename(path)
@@ -351,6 +354,30 @@ def finish(group) -> None:
     group.attrs[layout.ATTRS_KEY] = meta
 
 
+def _check_finite(plan: _Plan, kind: str, values: torch.Tensor, stats: torch.Tensor, first_token: int) -> None:
+    """A NonFiniteError naming the site and token when activations are NaN or infinite, or too large for a float16
+    cube: a cube never stores them silently. The norm (a summary already computed) is non-finite exactly when some
+    value is, and bounds every value's size, so the check costs almost nothing."""
+    norm = stats[..., 0]
+    limit = torch.finfo(torch.float16).max if plan.settings["dtype"] == "float16" else float("inf")
+    if bool(torch.isfinite(norm).all()) and float(norm.max()) <= limit:
+        return
+    bad = ~torch.isfinite(values).all(-1) | (values.abs().amax(-1) > limit)
+    if not bad.any():
+        return
+    row, axis = (int(i) for i in bad.nonzero()[0])
+    token = first_token + row
+    prompt = int(np.searchsorted(plan.offsets, token, side="right")) - 1
+    site = site_name(kind, plan.kinds[kind][axis])
+    if bool(torch.isfinite(values[row, axis]).all()):
+        raise NonFiniteError(f"{site} reaches {float(values[row, axis].abs().max()):.3g} at prompt {prompt}, position "
+                             f"{token - int(plan.offsets[prompt])}: more than a float16 cube holds; capture with "
+                             "--store-dtype float32")  # fmt: skip
+    raise NonFiniteError(f"{site} is NaN or infinite at prompt {prompt}, position {token - int(plan.offsets[prompt])}: "
+                         "the model's forward pass overflows; load it in float32 (--dtype float32), or check its "
+                         "weights")  # fmt: skip
+
+
 def write_tokens(
     model: Model,
     plan: _Plan,
@@ -399,8 +426,10 @@ def write_tokens(
             take = min(n - done, chunk - filled)
             for kind, values in kind_values.items():
                 part = values[done : done + take]
+                stats = layout.summarise(part)
+                _check_finite(plan, kind, part, stats, chunk_start + filled)
                 buffers[kind][0][filled : filled + take] = part  # cast to the cube's dtype on assignment
-                buffers[kind][1][filled : filled + take] = layout.summarise(part)
+                buffers[kind][1][filled : filled + take] = stats
             filled += take
             done += take
             if filled == chunk or chunk_start + filled == stop:

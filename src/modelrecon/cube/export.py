@@ -15,7 +15,7 @@ import zarr
 from modelrecon.cube import layout
 from modelrecon.cube.reader import Cube
 from modelrecon.errors import BadInputError, CubeError
-from modelrecon.files import atomic_target
+from modelrecon.files import atomic_folder, atomic_target
 from modelrecon.models.sites import site_name
 
 
@@ -29,7 +29,7 @@ def flat_arrays(cube: Cube) -> dict[str, np.ndarray]:
 
 def export_cube(cube: Cube, out: str | Path, fmt: str) -> Path:
     if fmt not in ("npz", "safetensors"):
-        raise BadInputError(f"unknown export format '{fmt}'; use npz or safetensors")
+        raise BadInputError(f"unknown export format {fmt!r}; use npz or safetensors")
     arrays = flat_arrays(cube)
     with atomic_target(out, "." + fmt) as temp:
         if fmt == "npz":
@@ -137,22 +137,21 @@ def import_activity_cube(source: str | Path, out: str | Path) -> Cube:
         "sites": {kind: {"layers": list(range(len(layers))), "summaries_only": True}},
         "stats": list(layout.STATS),
     }
-    staging = Path(str(out) + ".creating")
-    group = zarr.open_group(staging, mode="w", zarr_format=3)
-    text_bytes, text_offsets = layout.encode_strings(texts)
-    for name, data in {
-        "tokens/token_id": np.asarray(tokens, dtype=np.int64),
-        "tokens/prompt_index": np.zeros(n, dtype=np.int32),
-        "tokens/position": np.arange(n, dtype=np.int32),
-        "tokens/text_bytes": text_bytes,
-        "tokens/text_offsets": text_offsets,
-        "prompts/token_offsets": np.array([0, n], dtype=np.int64),
-        **dict(
-            zip(("prompts/text_bytes", "prompts/text_offsets"), layout.encode_strings(["".join(texts)]), strict=True)
-        ),
-        f"summaries/{kind}": summaries,
-    }.items():
-        group.create_array(name, data=data, chunks=data.shape if data.ndim > 1 else (max(1, len(data)),))
-    group.attrs[layout.ATTRS_KEY] = meta
-    staging.rename(out)
+    with atomic_folder(out) as staging:  # a failure leaves no half-written cube
+        group = zarr.open_group(staging, mode="w", zarr_format=3)
+        text_bytes, text_offsets = layout.encode_strings(texts)
+        prompt_bytes, prompt_offsets = layout.encode_strings(["".join(texts)])
+        for name, data in {
+            "tokens/token_id": np.asarray(tokens, dtype=np.int64),
+            "tokens/prompt_index": np.zeros(n, dtype=np.int32),
+            "tokens/position": np.arange(n, dtype=np.int32),
+            "tokens/text_bytes": text_bytes,
+            "tokens/text_offsets": text_offsets,
+            "prompts/token_offsets": np.array([0, n], dtype=np.int64),
+            "prompts/text_bytes": prompt_bytes,
+            "prompts/text_offsets": prompt_offsets,
+            f"summaries/{kind}": summaries,
+        }.items():
+            group.create_array(name, data=data, chunks=data.shape if data.ndim > 1 else (max(1, len(data)),))
+        group.attrs[layout.ATTRS_KEY] = meta
     return Cube(out)

@@ -25,6 +25,14 @@ STATUS_COMPLETE = "complete"
 STATUS_CAPTURING = "capturing"
 
 
+def compressors() -> tuple:
+    """The codec of every array but `sites/<kind>`: zstd with its content checksum, so a damaged chunk fails to
+    decode instead of reading as other numbers (zstd alone misses many flipped bytes)."""
+    from zarr.codecs import ZstdCodec
+
+    return (ZstdCodec(level=0, checksum=True),)
+
+
 def summarise(values: torch.Tensor) -> torch.Tensor:
     """[tokens, layers, units] -> float32 [tokens, layers, 5] in STATS order, reduced over units.
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from modelrecon.errors import BadInputError, reason
+from modelrecon.files import read_text
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -14,10 +15,10 @@ def read_prompts(path: str | Path) -> list[str]:
         raise BadInputError(f"prompt file '{path}' does not exist; give a .txt, .jsonl or .parquet file")
     suffix = path.suffix.lower()
     if suffix in (".txt", ".text"):
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line for line in read_text(path, "prompt file").splitlines() if line.strip()]
     elif suffix in (".jsonl", ".ndjson"):
         prompts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(read_text(path, "prompt file").splitlines(), start=1):
             if not line.strip():
                 continue
             try:

@@ -147,6 +147,7 @@ def _write_loop(location, path, layout, chunk, n_stats, dtype, n_sets, jobs, don
     import zarr
 
     from modelrecon import storage
+    from modelrecon.cube.layout import compressors
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the capture, which then lets this finish
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
@@ -164,7 +165,8 @@ def _write_loop(location, path, layout, chunk, n_stats, dtype, n_sets, jobs, don
         try:
             if job[0] == "pattern":
                 _, prompt, patterns = job
-                group.create_array(f"attention/prompt_{prompt}", data=patterns, chunks=patterns.shape, overwrite=True)
+                group.create_array(f"attention/prompt_{prompt}", data=patterns, chunks=patterns.shape, overwrite=True,
+                                   compressors=compressors())  # fmt: skip
                 group[f"attention/prompt_{prompt}"].attrs.update({"axes": ["layer", "head", "q", "k"]})
                 continue
             _, index, begin, end = job

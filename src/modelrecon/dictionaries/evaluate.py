@@ -34,12 +34,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from modelrecon.dictionaries.model import Dictionary
 from modelrecon.errors import BadInputError
 from modelrecon.files import json_safe
 from modelrecon.models.model import Batch, Model
 from modelrecon.models.sites import parse_site
-
-from .model import Dictionary
 
 ABLATIONS = ("zero", "mean")
 SPLICES = ("both", "each", "all", "none")

@@ -23,11 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,7 +36,7 @@ from safetensors.torch import save_file
 from modelrecon import storage
 from modelrecon.dictionaries.model import Dictionary, DictionaryConfig
 from modelrecon.errors import BadInputError, reason
-from modelrecon.files import json_safe
+from modelrecon.files import atomic_folder, json_safe
 
 FORMAT = "modelrecon-dictionary"
 SET_FORMAT = "modelrecon-dictionary-set"
@@ -105,28 +102,11 @@ def _atomic_folder(
         raise BadInputError(f"'{folder}' is a file; choose a folder path for the {what}")
     if folder.is_dir() and any(folder.iterdir()) and not is_ours(folder):
         raise BadInputError(f"'{folder}' exists and does not hold a {what}; remove it or choose another folder")
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    except OSError as exc:
-        raise BadInputError(f"cannot write '{folder}': {exc.strerror}; choose a writable output folder") from None
-    try:
+    with atomic_folder(folder) as temp:
         try:
             yield temp
         except OSError as exc:
             raise BadInputError(f"cannot write '{folder}': {reason(exc)}; check the disk and the path") from None
-        old = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.old"
-        if folder.exists():
-            os.replace(folder, old)
-        try:
-            os.replace(temp, folder)
-        except OSError as exc:
-            if old.exists():
-                os.replace(old, folder)
-            raise BadInputError(f"cannot write '{folder}': {exc.strerror}; choose a writable output folder") from None
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @contextmanager
@@ -230,8 +210,9 @@ def _check_tensors(
             )
         if not tensor.is_floating_point():
             raise BadInputError(f"'{path}': tensor '{name}' is {tensor.dtype}, not floating point; re-export it")
-        if torch.isnan(tensor).any():
-            raise BadInputError(f"'{path}': tensor '{name}' contains NaN; the dictionary is broken, retrain it")
+        if not torch.isfinite(tensor).all():
+            raise BadInputError(f"'{path}': tensor '{name}' contains NaN or infinite values; the dictionary is broken, "
+                                "retrain or re-download it")  # fmt: skip
 
 
 def _check_config_fields(data: dict, path: Path) -> None:
@@ -387,9 +368,9 @@ def _check_format(data: dict, path: Path, expected: str) -> None:
 
 def _not_ours_hint(folder: Path) -> str:
     if (folder / SAELENS_CONFIG).is_file():
-        return "; it looks like a SAELens folder: use import_saelens"
+        return "; it looks like a SAELens folder: load it with load_dictionaries or import_saelens"
     if (folder / CIRCUIT_TRACER_CONFIG).is_file():
-        return "; it looks like a circuit-tracer folder: use import_circuit_tracer"
+        return "; it looks like a circuit-tracer folder: load it with load_dictionaries or import_circuit_tracer"
     return ""
 
 
@@ -437,12 +418,19 @@ def load_dictionary(folder: str | Path) -> Dictionary:
 
 
 def load_dictionaries(folder: str | Path) -> list[Dictionary]:
-    """Every dictionary in a folder: a set written by `save_dictionaries` (in its order), or a single dictionary's
-    folder (a list of one); a folder or a URL."""
+    """Every dictionary in a folder of any layout this reads: a set written by `save_dictionaries` (in its order), a
+    single dictionary's folder (a list of one), a circuit-tracer folder or a SAELens folder; a folder or a URL. The one
+    folder loader: `--dict` and `--transcoders` reach it through `hub.open_dictionaries`."""
     if storage.is_url(folder):
-        with _loading(folder, CONFIG_FILE, "modelrecon dictionary folder") as local:
+        markers = (CIRCUIT_TRACER_CONFIG, SAELENS_CONFIG, CONFIG_FILE)
+        storage.check_complete(str(folder), markers, "dictionary folder")
+        with storage.local_copy(folder) as local:
             return load_dictionaries(local)
     folder = storage.local_path(folder)
+    if (folder / CIRCUIT_TRACER_CONFIG).is_file():
+        return import_circuit_tracer(folder)
+    if (folder / SAELENS_CONFIG).is_file():
+        return [import_saelens(folder)]
     path = folder / CONFIG_FILE
     if not path.is_file():
         return [load_dictionary(folder)]  # its error says what the folder is
@@ -721,12 +709,15 @@ def read_gemma_scope_params(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise BadInputError(f"'{path}' is not a readable GemmaScope params.npz ({exc}); download it again") from None
+            arrays = {k: npz[k].astype(np.float32) for k in npz.files}
+    except Exception as exc:  # a damaged zip raises zipfile's, zlib's or numpy's errors; all mean the same here
+        raise BadInputError(f"'{path}' is not a readable GemmaScope params.npz ({reason(exc)}); download it "
+                            "again") from None  # fmt: skip
     if set(arrays) != GEMMA_SCOPE_KEYS:
         raise BadInputError(f"'{path}' holds {sorted(arrays)}, not GemmaScope's {sorted(GEMMA_SCOPE_KEYS)}")
-    return {k: torch.from_numpy(v.astype(np.float32)) for k, v in arrays.items()}
+    if arrays["W_enc"].ndim != 2 or arrays["W_dec"].ndim != 2:
+        raise BadInputError(f"'{path}': W_enc and W_dec must be matrices; download it again")
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
 def import_gemma_scope(path: str | Path, site: str | tuple[str, str]) -> Dictionary:
@@ -935,6 +926,10 @@ def import_circuit_tracer(folder: str | Path, layer_files: Sequence[Path] | None
             extra = " (its 'transcoders' list points elsewhere: download them as layer_{i}.safetensors)" if cfg.get(
                 "transcoders") else ""  # fmt: skip
             raise BadInputError(f"'{folder}' has no layer_{{i}}.safetensors files{extra}")
+        listed = stored_configs if stored_configs is not None else cfg.get("transcoders")
+        if layer_files is None and isinstance(listed, list) and len(listed) != n:
+            raise BadInputError(f"'{cfg_path}' lists {len(listed)} transcoders but the folder has {n} layer files; "
+                                "a file is missing: copy or download the folder again")  # fmt: skip
         out = []
         for layer, path in enumerate(files):
             if Path(path).suffix == ".npz":  # GemmaScope, as circuit-tracer reads it

@@ -47,17 +47,14 @@ def looks_like_hub_name(name: str) -> bool:
 
 def open_dictionaries(name: str | os.PathLike) -> list[Dictionary]:
     """The dictionaries `name` names (see the module docstring); one-line BadInputErrors for what cannot be read."""
+    from modelrecon.dictionaries.formats import load_dictionaries
+
     text = str(name)
     if storage.is_url(text) and not text.startswith("hf://"):  # hf:// names a hub path, read through the cache
-        from modelrecon.dictionaries import formats
-
-        markers = (formats.CIRCUIT_TRACER_CONFIG, formats.SAELENS_CONFIG, formats.CONFIG_FILE)
-        storage.check_complete(text, markers, "dictionary folder")
-        with storage.local_copy(text) as folder:
-            return _folder(folder)
+        return load_dictionaries(text)
     path = storage.local_path(text).expanduser()
     if path.is_dir():
-        return _folder(path)
+        return load_dictionaries(path)
     if path.is_file():
         if path.suffix in (".yaml", ".yml"):
             return _circuit_tracer_config(path)
@@ -72,17 +69,6 @@ def open_dictionaries(name: str | os.PathLike) -> list[Dictionary]:
         return _from_repo(repo, sub, revision)
     raise BadInputError(f"{text!r} is neither a folder nor a dictionary name (org/repo[/path][@revision], "
                         f"hf://org/repo/path, saelens:RELEASE/SAE_ID) nor a URL (s3://bucket/folder)")  # fmt: skip
-
-
-def _folder(folder: Path) -> list[Dictionary]:
-    from modelrecon.dictionaries import formats
-
-    if (folder / formats.CIRCUIT_TRACER_CONFIG).exists():
-        return formats.import_circuit_tracer(folder)
-    if (folder / formats.SAELENS_CONFIG).exists():
-        return [formats.import_saelens(folder)]
-    loaded = formats.load_dictionaries(folder)
-    return list(loaded) if isinstance(loaded, (list, tuple)) else [loaded]
 
 
 def _parse_repo(text: str) -> tuple[str, str, str | None]:
@@ -175,8 +161,7 @@ def _own_set(repo: str, prefix: str, revision: str | None, config: Path) -> list
     for member in members:
         for name in ("config.json", "dictionary.safetensors"):
             _download(repo, prefix + member + name, revision)
-    loaded = load_dictionaries(config.parent)
-    return list(loaded) if isinstance(loaded, (list, tuple)) else [loaded]
+    return load_dictionaries(config.parent)
 
 
 def _circuit_tracer_config(config: Path, repo: str | None = None, prefix: str = "",

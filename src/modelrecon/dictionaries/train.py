@@ -22,9 +22,6 @@ each, and the gradients and batch statistics are combined before every optimiser
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -32,32 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modelrecon.dictionaries.model import Dictionary, DictionaryConfig, step
+from modelrecon.dictionaries.options import TrainOptions
 from modelrecon.errors import BadInputError
+from modelrecon.files import atomic_folder
 from modelrecon.progress import token_progress
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    tokens: int = 1_000_000
-    batch_size: int = 4096
-    lr: float = 1e-3
-    l1: float = 1e-3  # relu
-    l0: float = 1e-3  # jumprelu
-    aux: float = 1 / 32  # topk / batchtopk AuxK weight
-    aux_k: int | None = None  # default: half the input width
-    dead_after_tokens: int | None = None  # default: a tenth of the run, at least 10 batches
-    seed: int = 0
-    checkpoint_every: int = 0  # steps; 0: only at the end
-    decay_fraction: float = 0.2  # the learning rate decays linearly to 0 over this last part of the run
-    bf16: bool = False  # bfloat16 autocast for the streamed forward and the dictionaries (faster where bf16_is_fast)
-    reuse: int = 1  # streamed from the model: each token is trained on this many times (the model runs 1/reuse)
-
-    @property
-    def steps(self) -> int:
-        return max(1, self.tokens // self.batch_size)
-
-    def dead_after(self) -> int:
-        return self.dead_after_tokens or max(10 * self.batch_size, self.tokens // 10)
 
 
 @dataclass
@@ -310,18 +285,9 @@ def _save(folder: Path, dictionaries, optimiser, schedule, state: TrainState, so
     tensors |= {f"source.{k}": v for k, v in source_tensors.items()}
     meta = {"step": state.step, "last": state.last, "optimiser": opt_meta, "schedule": schedule.state_dict(),
             "source": source_meta, "options": asdict(options)}  # fmt: skip
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".checkpoint."))
-    try:
+    with atomic_folder(folder) as temp:
         save_file(tensors, str(temp / "state.safetensors"))
         (temp / "state.json").write_text(json.dumps(meta))
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(temp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _restore(folder: Path, dictionaries, optimiser, schedule, state: TrainState, source, device) -> None:

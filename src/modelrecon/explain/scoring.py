@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from modelrecon.counterfactual.stats import roc_auc
 from modelrecon.explain.examples import FeatureExamples, Window
 from modelrecon.explain.lexical import Reading, read_explanation
 from modelrecon.explain.prompts import (
@@ -54,15 +55,6 @@ def balanced_accuracy(predicted: list[bool], truth: list[bool]) -> float | None:
     if t.all() or not t.any():
         return None
     return float(((p & t).sum() / t.sum() + (~p & ~t).sum() / (~t).sum()) / 2)
-
-
-def auc(scores: list[float], truth: list[bool]) -> float | None:
-    """Area under the ROC curve (ties count half); None without both classes."""
-    s, t = np.asarray(scores, dtype=float), np.asarray(truth, dtype=bool)
-    if t.all() or not t.any():
-        return None
-    pos, neg = s[t][:, None], s[~t][None, :]
-    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
 
 
 def detection_items(ex: FeatureExamples) -> list[tuple[str, bool, Window]]:
@@ -172,7 +164,7 @@ def _llm(client, scorer: str, explanation: str, ex: FeatureExamples) -> tuple[fl
         said.append(bool(ok and parse_yes_no(answer.text)))
         probabilities.append(yes_probability(answer.logprobs) if ok else None)
     truth = [t for _, t in items]
-    area = auc(probabilities, truth) if all(p is not None for p in probabilities) else None
+    area = roc_auc(probabilities, truth) if all(p is not None for p in probabilities) else None
     return balanced_accuracy(said, truth), len(items), area
 
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from modelrecon.files import atomic_folder
 from modelrecon.models.loading import cache_root
 
 
@@ -47,15 +45,7 @@ def write_task_model(
     with torch.no_grad():
         for key, value in state.items():
             value.copy_(weights[key] if key in weights else torch.zeros_like(value))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_folder(folder, shared="config.json") as temp:  # another process may build the same task at once
         hf.save_pretrained(temp)
         word_tokenizer(words).save_pretrained(temp)
-        os.replace(temp, folder)  # atomic: another process may build the same task at the same time
-    except OSError:
-        if not (folder / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
     return folder

@@ -5,20 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from modelrecon.attribution.compare import kendall_tau_b, spearman
-
-
-def roc_auc(scores: np.ndarray, is_true: np.ndarray) -> float:
-    """Probability that a true unit outscores an inert one (ties count half): the ROC AUC of the scores."""
-    pos, neg = scores[is_true], scores[~is_true]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(wins / (len(pos) * len(neg)))
+from modelrecon.counterfactual.stats import roc_auc
 
 
 def pessimistic_auc(scores: np.ndarray, is_true: np.ndarray) -> float:
     """ROC AUC where every tie between a true and an inert unit counts against the method (InterpBench's reading:
-    a method that gives everything the same score found nothing)."""
+    a method that gives everything the same score found nothing). Written here: scikit-learn's AUC counts ties half."""
     pos, neg = scores[is_true], scores[~is_true]
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
@@ -26,7 +18,8 @@ def pessimistic_auc(scores: np.ndarray, is_true: np.ndarray) -> float:
 
 
 def average_precision(scores: np.ndarray, is_true: np.ndarray) -> float:
-    """Mean precision at the rank of each true unit, ranking by score (ties broken against the method)."""
+    """Mean precision at the rank of each true unit, ranking by score (ties broken against the method; not
+    sklearn's average_precision_score, which gives tied units their group's precision)."""
     order = np.lexsort((is_true.astype(int), -scores))  # higher score first; among ties, inert units first
     hits = is_true[order]
     if not hits.any():

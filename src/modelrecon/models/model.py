@@ -58,6 +58,9 @@ class Model:
     tokenizer: object
     name: str = "model"
     source: dict = field(default_factory=dict)  # provenance: where the weights came from, their hash, ...
+    # A prompt longer than the context is an error unless this is set: then it keeps its first `context_length`
+    # tokens (the CLI's --truncate). Never silent: positions past the context were never trained.
+    truncate_prompts: bool = False
     adapter: Adapter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -120,12 +123,19 @@ class Model:
         return [SiteInfo(n, self.site_shape(n), SITE_DOCS[parse_site(n).kind]) for n in self._site_names]
 
     # --- tokens --------------------------------------------------------------------------------------------------
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str, truncate_to: int | None = None) -> list[int]:
+        """Token ids of a prompt, cut to `truncate_to` tokens when given (or to the context with truncate_prompts);
+        a prompt still longer than the model's context is a BadInputError."""
         check_prompt(prompt)
-        ids = self.tokenizer(prompt)["input_ids"]
+        ids = list(self.tokenizer(prompt)["input_ids"])
         if not ids:
             raise BadInputError(f"prompt {prompt!r} gives no tokens; give some text")
-        return list(ids)
+        if truncate_to is None and self.truncate_prompts:
+            truncate_to = self.context_length
+        ids = ids[:truncate_to]
+        preview = prompt[:40] + "..." if len(prompt) > 40 else prompt
+        self.check_length(len(ids), f"prompt {preview!r}")
+        return ids
 
     def tokenize(self, prompts: str | list[str], padding_side: str = "right") -> Batch:
         """Tokenize one prompt or a list of prompts into a padded batch."""
@@ -140,6 +150,7 @@ class Model:
     def batch_from_ids(self, token_ids: list[list[int]], padding_side: str = "right") -> Batch:
         lengths = [len(ids) for ids in token_ids]
         width = max(lengths)
+        self.check_length(width, "a token sequence", "shorten it (or lower --context-length)")
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id or 0
@@ -157,6 +168,21 @@ class Model:
         return Batch(
             input_ids.to(device), attention_mask.to(device), position_ids.to(device), starts, lengths, padding_side
         )
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens one sequence may have: the positions the model was trained on (None when unknown)."""
+        value = getattr(self.hf.config, "max_position_embeddings", None)
+        return value if isinstance(value, int) and value > 0 else None
+
+    def check_length(self, n_tokens: int, what: str = "a prompt", fix: str = "") -> None:
+        """A one-line BadInputError when `n_tokens` is more than the model's context, before any forward pass."""
+        limit = self.context_length
+        if limit is not None and n_tokens > limit:
+            raise BadInputError(
+                f"{what} has {n_tokens:,} tokens and {self.name} was trained on at most {limit:,} positions; "
+                f"{fix or f'shorten it, or cut it explicitly: --truncate (capture: --context-length {limit})'}"
+            )
 
     def str_tokens(self, ids: list[int] | torch.Tensor) -> list[str]:
         return [self.tokenizer.decode([int(t)]) for t in ids]
@@ -214,6 +240,25 @@ class Model:
 def check_prompt(prompt: object) -> None:
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadInputError("empty prompt: give at least one non-blank character of text")
+
+
+def answer_tokens(model: Model, answer: str) -> list[int]:
+    """Token ids of an answer as it continues a prompt (include its leading space, e.g. " Paris")."""
+    ids = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise BadInputError(f"answer {answer!r} gives no tokens; give some text")
+    return list(ids)
+
+
+def single_token(model: Model, text: str, what: str = "answer") -> int:
+    """The one token id of `text` (an answer or target); `what` names it in the error for a multi-token text."""
+    ids = answer_tokens(model, text)
+    if len(ids) != 1:
+        raise BadInputError(
+            f"{what} {text!r} is {len(ids)} tokens {model.str_tokens(ids)}; give a single-token {what} with its "
+            "leading space (or score a multi-token answer with answer_logprob on the prompt + answer)"
+        )
+    return ids[0]
 
 
 def _in_features(linear_like: nn.Module) -> int:

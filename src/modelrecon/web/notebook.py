@@ -7,6 +7,7 @@ and from `file://`; saving annotations needs `modelrecon serve`.
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 from pathlib import Path
@@ -23,8 +24,18 @@ def _api_path(prefix: str, artifact_id: str) -> str:
     return prefix + "/".join(quote(part, safe="!~*'()") for part in artifact_id.split("/"))
 
 
+@functools.cache
+def _d3() -> str:
+    """The vendored d3 with its licence (copyright and permission notice) in a comment; its banner's web address is
+    left out, as the page loads nothing."""
+    code = (STATIC / "vendor" / "d3.min.js").read_text(encoding="utf-8").replace("// https://d3js.org ", "// d3 ", 1)
+    licence = (STATIC / "vendor" / "d3.LICENSE").read_text(encoding="utf-8").replace("*/", "* /")
+    return f"/* static/vendor/d3.min.js, ISC licence:\n{licence}*/\n{code}".replace("</", "<\\/")
+
+
 def page(start: str, routes: dict) -> str:
-    """A standalone HTML page of the viewer showing `start` (e.g. `#/graph/ID`) from the embedded `routes`."""
+    """A standalone HTML page of the viewer showing `start` (e.g. `#/graph/ID`) from the embedded `routes`, with the
+    vendored d3 inlined: nothing is loaded from anywhere."""
     style = (STATIC / "style.css").read_text(encoding="utf-8")
     script = (STATIC / "app.js").read_text(encoding="utf-8").replace("</", "<\\/")  # no early </script>
     data = json.dumps({"start": start, "routes": routes}, allow_nan=False).replace("</", "<\\/")
@@ -32,7 +43,7 @@ def page(start: str, routes: dict) -> str:
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>modelrecon</title>'
         f'<style>{style}</style></head><body><header><b>modelrecon</b> <span id="crumb"></span></header>'
         '<main id="main"></main><div id="tip"></div>'
-        f"<script>window.MR_EMBED = {data};</script><script>{script}</script></body></html>"
+        f"<script>window.MR_EMBED = {data};</script><script>{_d3()}</script><script>{script}</script></body></html>"
     )
 
 
@@ -47,10 +58,11 @@ def graph_page(graph, dashboards: dict | None = None, annotations: dict | None =
     artifact_id = "graph.json"
     routes = {_api_path("/api/graph/", artifact_id): graph_payload(artifact_id, data, annotations or {},
                                                                    dashboards is not None)}  # fmt: skip
+    nodes = {node["node_id"]: node for node in data["nodes"]}
     for node in data["nodes"]:
         if node["feature_type"] == "cross layer transcoder":
             key = _api_path("/api/feature/", artifact_id) + "?node=" + quote(node["node_id"], safe="!~*'()")
-            routes[key] = feature_panel(data, dashboards, node["node_id"])
+            routes[key] = feature_panel(nodes, dashboards, node["node_id"])
     return page(f"#/graph/{artifact_id}", routes)
 
 
@@ -86,14 +98,23 @@ def cube_page(cube, kind: str | None = None, metric: str = "norm", prompt: int =
 
 
 def experiment_page(kind: str, data: dict, name: str = "experiment.json") -> str:
-    """A patching sweep (`kind="sweep"`, `SweepResult.to_dict()`) or an attribution-vs-patching report
-    (`"verify"`, `Comparison.to_dict()`): the viewer's experiment view of it."""
+    """A patching sweep (`kind="sweep"`, `SweepResult.to_dict()`), an attribution-vs-patching report (`"verify"`,
+    `Comparison.to_dict()`) or an experiment (`"experiment"`, `ExperimentResult.to_dict()`): the viewer's view of it."""
     from modelrecon.files import json_safe
 
-    if kind not in ("sweep", "verify"):
-        raise ValueError(f"kind is sweep or verify, not {kind!r}")
+    if kind not in ("sweep", "verify", "experiment"):
+        raise ValueError(f"kind is sweep, verify or experiment, not {kind!r}")
     routes = {_api_path("/api/experiment/", name): {"id": name, "kind": kind, "data": json_safe(data)}}
     return page(f"#/experiment/{name}", routes)
+
+
+def lens_page(lens, name: str = "lens.json") -> str:
+    """A logit lens (a `LensResult` or its `to_dict()`): the viewer's lens view of it."""
+    from modelrecon.files import json_safe
+
+    data = lens if isinstance(lens, dict) else lens.to_dict()
+    routes = {_api_path("/api/lens/", name): {"id": name, "kind": "lens", "data": json_safe(data)}}
+    return page(f"#/lens/{name}", routes)
 
 
 class View:
@@ -112,15 +133,32 @@ class View:
 
 
 def show(obj, dashboards: dict | str | Path | None = None, height: int = 720) -> View:
-    """Display a graph (Graph or graph.json) or a cube (Cube or its folder) inline in a notebook."""
+    """Display a result inline in a notebook: a graph (`Graph`, a `TracedGraph`'s pruned graph, or a graph.json path),
+    a cube (`Cube` or its folder), a patching sweep (`SweepResult`), an attribution-vs-patching report (`Comparison`),
+    an experiment (`ExperimentResult`) or a logit lens (`LensResult`). These results display themselves this way too
+    (their `_repr_html_`)."""
+    from modelrecon.attribution.compare import Comparison
+    from modelrecon.attribution.lens import LensResult
     from modelrecon.circuits.graph import Graph
+    from modelrecon.circuits.tracing import TracedGraph
+    from modelrecon.counterfactual.experiment import ExperimentResult
+    from modelrecon.counterfactual.sweep import SweepResult
     from modelrecon.cube.reader import Cube
     from modelrecon.errors import BadInputError
 
     if isinstance(dashboards, (str, Path)):
         dashboards = json.loads(Path(dashboards).read_text(encoding="utf-8"))
+    reports = {SweepResult: "sweep", Comparison: "verify", ExperimentResult: "experiment"}
+    if isinstance(obj, TracedGraph):
+        obj = obj.pruned
     if isinstance(obj, Graph) or (isinstance(obj, (str, Path)) and Path(obj).is_file()):
         return View(graph_page(obj, dashboards), height)
     if isinstance(obj, Cube) or (isinstance(obj, (str, Path)) and Path(obj).is_dir()):
         return View(cube_page(obj), height)
-    raise BadInputError(f"cannot show {type(obj).__name__}: give a Graph, a graph.json path, a Cube or a cube folder")
+    if type(obj) in reports:
+        kind = reports[type(obj)]
+        return View(experiment_page(kind, obj.to_dict(), f"{kind}.json"), height)
+    if isinstance(obj, LensResult):
+        return View(lens_page(obj), height)
+    raise BadInputError(f"cannot show {type(obj).__name__}: give a Graph, TracedGraph, graph.json path, Cube, cube "
+                        "folder, SweepResult, Comparison, ExperimentResult or LensResult")  # fmt: skip
