@@ -135,3 +135,48 @@ def test_each_display_renders_in_chromium_without_errors(results, browser, name)
         assert errors == [] and requested == []
     finally:
         context.close()
+
+
+def test_the_served_viewer_lists_and_draws_experiments_and_lenses(results, browser, tmp_path):
+    """`experiment --json` and `lens --json` files in a served folder are listed and open in the same views as their
+    notebook displays."""
+    import threading
+    import time
+
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    from modelrecon.web.app import create_app
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "exp.json").write_text(json.dumps({"model": "tiny", **results["experiment"].to_dict()}, indent=1))
+    (folder / "lens.json").write_text(results["lens"].to_json())
+    app = create_app(folder)
+    client = TestClient(app)
+    kinds = {a["id"]: a["kind"] for a in client.get("/api/index").json()["artifacts"]}
+    assert kinds == {"exp.json": "experiment", "lens.json": "lens"}
+    assert client.get("/api/lens/lens.json").json()["data"]["rows"] == results["lens"].rows
+    assert client.get("/api/experiment/exp.json").json()["data"]["sanity"] == _plain(results["experiment"].sanity)
+    assert client.get("/api/lens/exp.json").status_code == 404  # each file only through its own kind
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    page = browser.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.locator("a[data-kind=lens]").click()
+        page.locator("#lens-heat .cell").first.wait_for(timeout=15000)
+        assert page.locator("#lens-heat .cell").count() == len(results["lens"].rows) * len(results["lens"].tokens)
+        page.goto(f"http://127.0.0.1:{port}/#/")
+        page.locator("a[data-kind=experiment]").click()
+        page.locator("#experiment-components tr").first.wait_for(timeout=15000)
+        assert page.locator("#experiment-components tr").count() == len(results["experiment"].components) + 1
+    finally:
+        page.close()
+        server.should_exit = True
+        thread.join(10)

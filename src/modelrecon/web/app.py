@@ -408,9 +408,16 @@ def api_attention(request: Request) -> Response:
 
 def api_experiment(request: Request) -> Response:
     viewer: Viewer = request.app.state.viewer
-    artifact = viewer.artifact(request.path_params["id"], ("sweep", "verify"))
+    artifact = viewer.artifact(request.path_params["id"], ("sweep", "verify", "experiment"))
     return JSONResponse({"id": artifact.id, "kind": artifact.kind,
                          "data": viewer.opened.get("experiment", artifact.path, _read_json)})  # fmt: skip
+
+
+def api_lens(request: Request) -> Response:
+    viewer: Viewer = request.app.state.viewer
+    artifact = viewer.artifact(request.path_params["id"], "lens")
+    return JSONResponse({"id": artifact.id, "kind": "lens", "data": viewer.opened.get("lens", artifact.path,
+                                                                                      _read_json)})  # fmt: skip
 
 
 async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -445,6 +452,7 @@ def create_app(root: str | Path, trusted_hosts: list[str] | None = None) -> Star
         Route("/api/cube/{id:path}", api_cube),
         Route("/api/attention/{id:path}", api_attention),
         Route("/api/experiment/{id:path}", api_experiment),
+        Route("/api/lens/{id:path}", api_lens),
         Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
     ]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts)] if trusted_hosts else []

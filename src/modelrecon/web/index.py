@@ -14,6 +14,7 @@ are skipped; artifacts' paths are URLs.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ DASHBOARDS_NAME = "features.json"
 @dataclass(frozen=True)
 class Artifact:
     id: str  # the path relative to the root, POSIX
-    kind: str  # cube | graph | sweep | verify
+    kind: str  # cube | graph | sweep | verify | experiment | lens
     path: Path | str  # a URL when the folder is one
     title: str
 
@@ -50,6 +51,10 @@ def _json_kind(path: Path | str) -> str | None:
         return "verify"
     if all(f'"{key}"' in head for key in ("direction", "metric", "n_pairs")):  # counterfactual.sweep.SweepResult
         return "sweep"
+    if '"metric"' in head and '"base"' in head and '"clean"' in head:  # counterfactual.experiment.ExperimentResult
+        return "experiment"
+    if re.match(r'\{\s*"prompt"', head) and '"tokens"' in head:  # attribution.lens.LensResult
+        return "lens"
     return None
 
 

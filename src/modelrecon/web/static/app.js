@@ -249,12 +249,12 @@ function lineChart({ id, xLabels, ys, xTitle, yTitle, width = 640, height = 230 
 async function indexView(main) {
   const index = await api("/api/index");
   const kinds = { graph: "Attribution graphs", cube: "Activation cubes", sweep: "Patching sweeps",
-    verify: "Attribution vs patching" };
+    verify: "Attribution vs patching", experiment: "Experiments", lens: "Logit lens" };
   main.replaceChildren(el("h2", {}, `Results in ${index.root}`));
   for (const [kind, title] of Object.entries(kinds)) {
     const items = index.artifacts.filter(a => a.kind === kind);
     if (!items.length) continue;
-    const view = kind === "sweep" || kind === "verify" ? "experiment" : kind;
+    const view = ["sweep", "verify", "experiment"].includes(kind) ? "experiment" : kind;
     main.append(el("h3", {}, title), el("ul", { class: "index-list" }, ...items.map(a =>
       el("li", {}, el("a", { href: `#/${view}/${encodeURIComponent(a.id)}`, "data-kind": kind }, a.id)))));
   }
