@@ -10,8 +10,8 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from modelrecon.cli import dictionaries as dict_cli
 from modelrecon.dictionaries import Dictionary, DictionaryConfig
-from modelrecon.dictionaries import cli as dict_cli
 from modelrecon.dictionaries.evaluate import evaluate
 from modelrecon.errors import BadInputError
 from modelrecon.hooks.run import run
