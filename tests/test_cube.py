@@ -41,6 +41,17 @@ def _direct(model, prompts, batch_size):
     return acts
 
 
+def test_a_cube_smaller_than_a_chunk_takes_the_size_of_its_tokens(model, tmp_path):
+    out = tmp_path / "c.zarr"
+    cube = mr.capture(model, "Hello there", out, sites=["layers.*.resid_post"], dtype="float32", progress=False)
+    assert cube.metadata["capture"]["chunk_tokens"] == cube.n_tokens < 1024  # the default chunk is 1024 tokens
+    values = cube.get("resid_post", prompt=0)
+    chunks = [f for f in (out / "sites").rglob("*") if f.is_file() and f.name != "zarr.json"]
+    assert sum(f.stat().st_size for f in chunks) == values.nbytes  # not padded to 1024 tokens
+    hooks = mr.run(model, "Hello there", record=["layers.1.resid_post"]).acts["layers.1.resid_post"][0]
+    assert np.array_equal(values[:, 1], hooks.numpy())
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_values_read_back_equal_the_hooks(model, tmp_path, dtype):
     cube = mr.capture(
